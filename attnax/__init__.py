@@ -1,0 +1,23 @@
+"""attnax: one attention protocol, every kernel, for JAX and Flax."""
+
+from attnax import kernels
+from attnax import score_mods
+from attnax.block_mask import BlockMask
+from attnax.block_mask import create_block_mask
+from attnax.kernels import flash_attention
+from attnax.kernels import memory_efficient_attention
+from attnax.kernels import standard_attention
+from attnax.reference import attention_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockMask",
+    "attention_reference",
+    "create_block_mask",
+    "flash_attention",
+    "kernels",
+    "memory_efficient_attention",
+    "score_mods",
+    "standard_attention",
+]

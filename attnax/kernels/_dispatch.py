@@ -1,0 +1,61 @@
+"""``flash_attention``: one entry point, the implementation chosen per platform."""
+
+from __future__ import annotations
+
+from attnax.kernels._memory_efficient import memory_efficient_attention
+from attnax.kernels._standard import standard_attention
+
+__all__ = ["IMPLEMENTATIONS", "flash_attention"]
+
+#: Implementation names ``flash_attention`` accepts, and the kernel each names.
+IMPLEMENTATIONS = {
+    "xla": standard_attention,
+    "memory_efficient": memory_efficient_attention,
+}
+
+# Above this many score elements per (batch, head) the dense path's O(T S)
+# memory dominates; the chunked kernel is chosen instead.
+_DENSE_LIMIT = 2048 * 2048
+
+
+def _auto(query, key) -> str:
+    T, S = query.shape[-2], key.shape[-2]
+    return "xla" if T * S <= _DENSE_LIMIT else "memory_efficient"
+
+
+def flash_attention(query, key, value, *, implementation=None, **kwargs):
+    """Attention through the best available implementation.
+
+    Args:
+        query: ``[B, H, T, D]``.
+        key: ``[B, Hk, S, D]``.
+        value: ``[B, Hk, S, Dv]``.
+        implementation: ``None`` (choose), ``'xla'`` (dense
+            :func:`~attnax.kernels.standard_attention`) or
+            ``'memory_efficient'``
+            (:func:`~attnax.kernels.memory_efficient_attention`). An
+            explicit choice is honoured or raises, never replaced silently.
+        **kwargs: the :class:`attnax.typing.AttentionFn` keywords, and the
+            chosen kernel's options.
+
+    With ``implementation=None``, inputs whose score matrix has at most
+    2048 x 2048 elements per head use the dense XLA kernel (fastest at that
+    size); longer ones use the memory-efficient kernel (``O(T + S)`` memory).
+
+    Raises:
+        ValueError: an unknown implementation name.
+
+    Example:
+        >>> import jax
+        >>> from attnax.kernels import flash_attention, causal_mod
+        >>> q = k = v = jax.random.normal(jax.random.key(0), (2, 4, 64, 32))
+        >>> flash_attention(q, k, v, score_mod=causal_mod(), implementation="memory_efficient").shape
+        (2, 4, 64, 32)
+    """
+    if implementation is None:
+        implementation = _auto(query, key)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"`implementation` must be one of {sorted(IMPLEMENTATIONS)} or None; got {implementation!r}."
+        )
+    return IMPLEMENTATIONS[implementation](query, key, value, **kwargs)
