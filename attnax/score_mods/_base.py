@@ -220,8 +220,8 @@ def compose_score_mods(*mods) -> AttentionMod:
         >>> mod = compose_score_mods(causal_mod(), softcap_mod(2.0))
         >>> q = jnp.arange(2)[:, None]; k = jnp.arange(2)[None, :]
         >>> mod(jnp.full((2, 2), 10.0), 0, 0, q, k)
-        Array([[1.9280552,      -inf],
-               [1.9280552, 1.9280552]], dtype=float32)
+        Array([[1.9998183,      -inf],
+               [1.9998183, 1.9998183]], dtype=float32)
     """
     flat = []
     for m in mods:
