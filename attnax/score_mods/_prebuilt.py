@@ -78,14 +78,15 @@ class PrefixLMMod(AttentionMod):
     has_mask: ClassVar[bool] = True
 
     def mask(self, b, h, q_idx, kv_idx):
-        p = jnp.asarray(self.prefix_length)
+        p = self.prefix_length
         if p.ndim:
             p = p[b]
         return jnp.logical_or(kv_idx < p, kv_idx <= q_idx)
 
 
 def _ids_at(ids, b, pos):
-    ids = jnp.asarray(ids)
+    # Index the leaf directly (no jnp.asarray): inside Pallas kernels leaves are
+    # tile operands that understand indexing by b and by the position arrays.
     return ids[pos] if ids.ndim == 1 else ids[b, pos]
 
 

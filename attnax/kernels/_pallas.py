@@ -1,0 +1,265 @@
+"""``pallas_flash_attention``: the Pallas flash kernel, with mods fused.
+
+This module holds the public function, its config and the preparation every
+backend shares (padding, tile lists from masks, mod operands). The kernels
+live in per-backend, per-generation modules (``_pallas_mgpu_sm90.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from attnax._validation import check_attention_args, check_kernel_options
+from attnax.block_mask import EMPTY, FULL, PARTIAL, create_block_mask
+from attnax.kernels import _pallas_mgpu_common as common
+from attnax.kernels import _pallas_mgpu_sm90 as sm90
+from attnax.score_mods._base import _as_mask_mod, _as_score_mod
+
+__all__ = ["PallasFlashConfig", "pallas_flash_attention"]
+
+_BACKENDS = ("mosaic_gpu",)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasFlashConfig:
+    """Tiling of the Pallas flash kernel.
+
+    Attributes:
+        block_q: query rows per compute warpgroup; a CTA covers ``2 * block_q``
+            rows (Mosaic GPU: a multiple of 64).
+        block_kv: keys per tile (a multiple of 64).
+        num_stages: depth of the shared-memory ring K/V stream through (>= 2).
+    """
+
+    block_q: int = 64
+    block_kv: int = 128
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 64 or v % 64:
+                raise ValueError(f"`PallasFlashConfig.{name}` must be a positive multiple of 64; got {v!r}.")
+        if not isinstance(self.num_stages, int) or self.num_stages < 2:
+            raise ValueError(f"`PallasFlashConfig.num_stages` must be an int >= 2; got {self.num_stages!r}.")
+
+
+def default_config(head_dim: int) -> PallasFlashConfig:
+    """Heuristic tiling per head dim (shared memory of an H100: 227 KiB)."""
+    if head_dim <= 128:
+        return PallasFlashConfig(block_q=64, block_kv=128, num_stages=2)
+    return PallasFlashConfig(block_q=64, block_kv=64, num_stages=2)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _pad_axis(x, axis: int, n: int):
+    if x.shape[axis] == n:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _mask_parts(score_mod, mask_mod, block_mask):
+    """The pytrees whose masks AND together: a score mod's mask, a mask mod, a block mask's mod."""
+    return (
+        score_mod if score_mod is not None and score_mod.has_mask else None,
+        mask_mod,
+        block_mask.mask_mod if block_mask is not None else None,
+    )
+
+
+def _combine_masks(parts):
+    """One mask function (or None) from :func:`_mask_parts` (possibly rebuilt in a kernel)."""
+    smod, mmod, bmod = parts
+    fns = [f for f in (smod.mask if smod is not None else None, mmod, bmod) if f is not None]
+    if not fns:
+        return None
+
+    def mask_fn(b, h, q_idx, kv_idx):
+        out = fns[0](b, h, q_idx, kv_idx)
+        for f in fns[1:]:
+            out = jnp.logical_and(out, f(b, h, q_idx, kv_idx))
+        return out
+
+    return mask_fn
+
+
+def _depends_on(mask_fn, B, H):
+    """Whether a mask's value depends on the batch and head indices (by shapes)."""
+    b = jax.ShapeDtypeStruct((B, 1, 1, 1), jnp.int32)
+    h = jax.ShapeDtypeStruct((1, H, 1, 1), jnp.int32)
+    q = jax.ShapeDtypeStruct((1, 1, 2, 1), jnp.int32)
+    kv = jax.ShapeDtypeStruct((1, 1, 1, 2), jnp.int32)
+    shape = jax.eval_shape(mask_fn, b, h, q, kv).shape
+    shape = (1,) * (4 - len(shape)) + tuple(shape)
+    return shape[0] != 1, shape[1] != 1
+
+
+def tile_lists(mask_fn, block_mask, dims, q_offset, block_q: int, block_kv: int):
+    """Per query tile: how many kv tiles are full, how many to visit, and their order.
+
+    Returns ``(counts [Bm, Hm, nq, 2], order [Bm, Hm, nq, nk])`` int32: full
+    tiles first, then partial ones; the tile holding the ragged end of the
+    keys always counts as partial so the kernel applies the bound there.
+    """
+    nk = -(-dims.S // block_kv)
+    classes = None
+    if mask_fn is not None:
+        dep_b, dep_h = _depends_on(mask_fn, dims.B, dims.H)
+        if jnp.ndim(q_offset):
+            dep_b = True
+        bm = create_block_mask(
+            mask_fn, dims.B if dep_b else None, dims.H if dep_h else None, dims.T, dims.S,
+            block_size=(block_q, block_kv), q_offset=q_offset,
+        )  # fmt: skip
+        classes = bm.block_classes
+    if block_mask is not None:
+        if block_mask.block_size != (block_q, block_kv):
+            raise ValueError(
+                f"`block_mask` has block_size {block_mask.block_size}; this kernel's tiles are "
+                f"({block_q}, {block_kv}): build it with create_block_mask(..., block_size=({block_q}, {block_kv}))."
+            )
+        other = block_mask.block_classes
+        classes = other if classes is None else jnp.minimum(classes, other)
+    if dims.S % block_kv:
+        classes = classes.at[..., nk - 1].set(jnp.where(classes[..., nk - 1] == FULL, PARTIAL, classes[..., nk - 1]))
+    rank = jnp.where(classes == FULL, 0, jnp.where(classes == PARTIAL, 1, 2))
+    order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
+    n_full = jnp.sum(classes == FULL, axis=-1, dtype=jnp.int32)
+    n_total = jnp.sum(classes != EMPTY, axis=-1, dtype=jnp.int32)
+    return jnp.stack([n_full, n_total], axis=-1), order
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    scale: float
+    config: PallasFlashConfig
+    interpret: bool
+    dims: object
+
+
+def _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st: _Static):
+    d = st.dims
+    cfg = st.config
+    bq_cta = 2 * cfg.block_q
+    parts = _mask_parts(score_mod, mask_mod, block_mask)
+    mask_fn = _combine_masks(parts)
+    has_transform = score_mod is not None and score_mod.has_transform
+    mask_tail = d.S % cfg.block_kv != 0
+    sparse = mask_fn is not None or block_mask is not None
+    lists = tile_lists(mask_fn, block_mask, d, q_offset, bq_cta, cfg.block_kv) if sparse else None
+
+    Tp, Sp = _round_up(d.T, bq_cta), _round_up(d.S, cfg.block_kv)
+    Dp, Dvp = _round_up(d.D, 64), _round_up(d.Dv, 64)
+    qp = _pad_axis(_pad_axis(q, 2, Tp), 3, Dp)
+    kp = _pad_axis(_pad_axis(k, 2, Sp), 3, Dp)
+    vp = _pad_axis(_pad_axis(v, 2, Sp), 3, Dvp)
+    q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (d.B,))
+
+    mods = (score_mod if has_transform else None, parts)
+    operands, build = common.flatten_mods(mods, pad=max(bq_cta, cfg.block_kv))
+
+    def build_mods(refs, ctx_getter):
+        smod, kparts = build(refs, ctx_getter)
+        return (smod.transform if smod is not None else None), _combine_masks(kparts)
+
+    fst = sm90.FwdStatic(
+        block_q=cfg.block_q, block_kv=cfg.block_kv, num_stages=cfg.num_stages, scale=st.scale, T=d.T, S=d.S,
+        group=d.group, has_transform=has_transform, has_mask=mask_fn is not None, sparse=sparse,
+        mask_tail=mask_tail, interpret=st.interpret,
+    )  # fmt: skip
+    interpret = common.interpret_params() if st.interpret else None
+    out, lse = sm90.forward_kernel_call(qp, kp, vp, q_off, lists, operands, build_mods, fst, interpret)
+    return out[:, :, : d.T, : d.Dv], lse[:, :, : d.T]
+
+
+def pallas_flash_attention(
+    query,
+    key,
+    value,
+    *,
+    score_mod=None,
+    mask_mod=None,
+    mask=None,
+    block_mask=None,
+    scale=None,
+    q_offset=0,
+    dropout_rate=0.0,
+    dropout_rng=None,
+    deterministic=True,
+    return_lse=False,
+    block_sizes=None,
+    backend=None,
+    interpret=False,
+):
+    r"""Flash attention as a Pallas kernel, with score and mask mods fused.
+
+    The kernel streams K/V tiles through shared memory and keeps the online
+    softmax in registers. Mask-type mods (and ``mask_mod``/``block_mask``)
+    decide which tiles are visited: empty tiles are never loaded, full tiles
+    skip the mask. Score mods run on each register tile; their array leaves
+    are read from global memory per tile (see
+    :mod:`attnax.kernels._pallas_mgpu_common`). GQA reads each kv head in place.
+
+    Args:
+        query: ``[B, H, T, D]`` bfloat16 or float16.
+        key: ``[B, Hk, S, D]``.
+        value: ``[B, Hk, S, Dv]``.
+        score_mod, mask_mod, block_mask, scale, q_offset, return_lse: see
+            :class:`attnax.typing.AttentionFn`. A ``block_mask`` must use the
+            kernel's tiles, ``(2 * block_q, block_kv)``.
+        mask, dropout_rate, dropout_rng, deterministic: dense masks and
+            dropout are not implemented in this kernel yet
+            (``NotImplementedError``).
+        block_sizes: a :class:`PallasFlashConfig` (default: by head dim).
+        backend: ``'mosaic_gpu'`` or None (by platform).
+        interpret: run the kernel in the backend's interpret mode on CPU.
+
+    Returns:
+        ``out [B, H, T, Dv]``, or ``(out, lse)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from attnax.kernels import pallas_flash_attention, causal_mod
+        >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 1, 128, 64), jnp.bfloat16)
+        >>> out = pallas_flash_attention(q, k, v, score_mod=causal_mod(), interpret=True)  # doctest: +SKIP
+    """
+    args = check_attention_args(
+        query, key, value, score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask,
+        scale=scale, q_offset=q_offset, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        deterministic=deterministic,
+    )  # fmt: skip
+    d = args.dims
+    if backend is None:
+        backend = "mosaic_gpu"
+    if backend not in _BACKENDS:
+        raise NotImplementedError(
+            f"`backend={backend!r}` is not available; pallas_flash_attention implements {list(_BACKENDS)}."
+        )
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(
+            f"pallas_flash_attention (mosaic_gpu) computes in bfloat16/float16; got {query.dtype}. "
+            "Cast the inputs, or use memory_efficient_attention for float32/float64."
+        )
+    if args.mask is not None:
+        raise NotImplementedError("pallas_flash_attention does not take a dense `mask=` yet: express it as a mask_mod.")
+    if args.dropout_active:
+        raise NotImplementedError("pallas_flash_attention does not implement dropout yet.")
+    config = block_sizes or default_config(d.D)
+    if not isinstance(config, PallasFlashConfig):
+        raise TypeError(f"`block_sizes` must be a PallasFlashConfig; got {type(config).__name__}.")
+    if d.D > 256 or d.Dv > 256:
+        raise NotImplementedError(f"head dims above 256 are not supported; got D={d.D}, Dv={d.Dv}.")
+    st = _Static(scale=args.scale, config=config, interpret=bool(interpret), dims=d)
+    smod = None if score_mod is None else _as_score_mod(score_mod)
+    mmod = None if mask_mod is None else _as_mask_mod(mask_mod)
+    out, lse = _forward(query, key, value, args.q_offset, smod, mmod, block_mask, st)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,190 @@
+"""Shared pieces of the Mosaic GPU kernels: version shims and mods on tiles.
+
+Mods are plain ``jnp`` code written against arrays. Inside a Mosaic GPU kernel
+their array leaves live in global memory and positions are register tiles, so
+each leaf is handed to the mod as a :class:`TileOperand`: indexing it by the
+scalar ``b``/``h`` loads a scalar, and indexing a dimension by the very
+``q_idx``/``kv_idx`` arrays the kernel passed to the mod loads the row,
+column or tile that those positions cover. Nothing else about the mod changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+def interpret_params():
+    """``InterpretGPUParams()``: public in newer jax, private in jax 0.10."""
+    cls = getattr(plgpu, "InterpretGPUParams", None)
+    if cls is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+    return cls()
+
+
+WGMMA = plgpu.Layout.WGMMA
+WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
+WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)
+
+
+class Lowering:
+    """Register-layout helpers that GPU interpret mode does not model.
+
+    Compiled, arrays carry explicit wgmma layouts; interpreted, layouts do not
+    exist (``layout_cast`` and ``plgpu.load`` have no interpret rules), so the
+    same kernel code goes through these helpers.
+    """
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    def cast(self, x, layout):
+        return x if self.interpret else plgpu.layout_cast(x, layout)
+
+    def iota(self, shape, dim):
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
+
+    def load(self, ref, layout):
+        return ref[...] if self.interpret else plgpu.load(ref, (), layout=layout)
+
+    # GPU interpret mode (jax 0.10) models wgmma only with both operands in
+    # shared memory and B untransposed. Interpreted, the two products below are
+    # plain dots of the same shared-memory tiles; barriers, TMA copies and the
+    # warp-specialised schedule around them run unchanged.
+
+    def matmul_nt(self, a_smem, b_smem, shape, during=None):
+        """``a @ b.T`` of two shared-memory tiles, f32; ``during()`` runs while it computes."""
+        if self.interpret:
+            out = jnp.dot(a_smem[...], b_smem[...].T, preferred_element_type=jnp.float32)
+            if during is not None:
+                during()
+            return out
+
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+            if during is not None:
+                during()
+            return acc_ref[...]
+
+        return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+    def matmul_nn(self, a, b_smem, shape, during=None):
+        """``a @ b`` with ``a`` in registers (or a shared-memory ref), f32."""
+        if self.interpret:
+            a_val = a if isinstance(a, jax.Array) else a[...]
+            out = jnp.dot(a_val, b_smem[...], preferred_element_type=jnp.float32)
+            if during is not None:
+                during()
+            return out
+
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, a, b_smem)
+            if during is not None:
+                during()
+            return acc_ref[...]
+
+        return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+@dataclasses.dataclass
+class TileContext:
+    """Where the current score tile sits: its position arrays and slices."""
+
+    q_idx: Any  # int32 [bq, bkv] (WGMMA layout): absolute query positions
+    kv_idx: Any  # int32 [bq, bkv]: absolute key positions
+    q_start: Any  # scalar: absolute position of the tile's first row
+    kv_start: Any  # scalar: absolute position of the tile's first column
+    shape: tuple[int, int]
+    lowering: Lowering
+
+
+class TileOperand:
+    """A mod's array leaf inside a kernel: a global-memory ref with a view."""
+
+    def __init__(self, ref, ctx_getter):
+        self._ref = ref
+        self._ctx = ctx_getter
+        self.shape = tuple(ref.shape)
+        self.ndim = len(self.shape)
+        self.dtype = ref.dtype
+
+    def __getitem__(self, idx):
+        ctx: TileContext = self._ctx()
+        if not isinstance(idx, tuple):
+            idx = (idx,)
+        if len(idx) != self.ndim:
+            raise NotImplementedError(
+                f"inside a Pallas kernel a mod must index its array leaf of shape {self.shape} with "
+                f"{self.ndim} indices (scalars, q_idx or kv_idx); got {len(idx)}."
+            )
+        ref_idx, row_dim, col_dim, kept = [], None, None, 0
+        for i in idx:
+            if i is ctx.q_idx:
+                ref_idx.append(pl.ds(ctx.q_start, ctx.shape[0]))
+                row_dim = kept
+                kept += 1
+            elif i is ctx.kv_idx:
+                ref_idx.append(pl.ds(ctx.kv_start, ctx.shape[1]))
+                col_dim = kept
+                kept += 1
+            elif jnp.ndim(i) == 0:
+                ref_idx.append(i)
+            else:
+                raise NotImplementedError(
+                    "inside a Pallas kernel a mod may index its array leaves only by scalars (b, h) and by the "
+                    "q_idx / kv_idx arrays it was given, unchanged; compute with the loaded values instead."
+                )
+        ref_idx = tuple(ref_idx)
+        low = ctx.lowering
+        if row_dim is None and col_dim is None:
+            return self._ref[ref_idx]
+        if col_dim is None:
+            v = low.load(self._ref.at[ref_idx], WGMMA_ROW)
+            return low.cast(lax.broadcast_in_dim(v, ctx.shape, [0]), WGMMA)
+        if row_dim is None:
+            v = low.load(self._ref.at[ref_idx], WGMMA_COL)
+            return low.cast(lax.broadcast_in_dim(v, ctx.shape, [1]), WGMMA)
+        if row_dim > col_dim:
+            raise NotImplementedError("index a 2-D leaf as [..., q_idx, ..., kv_idx] (query dimension first).")
+        return low.load(self._ref.at[ref_idx], WGMMA)
+
+
+def flatten_mods(mods, pad: int):
+    """Splits mod pytrees into kernel operands and a builder for the kernel side.
+
+    Every array leaf becomes a kernel operand. Each dimension longer than 1 is
+    padded by ``pad`` so a tile that overhangs the sequence end reads padding,
+    not out-of-bounds memory. 0-d leaves are passed as shape ``(1,)`` and read
+    as scalars.
+
+    Returns:
+        ``(operands, build)``: ``build(refs, ctx_getter)`` returns the mods with
+        their leaves replaced by :class:`TileOperand` s (or scalars).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(mods)
+    operands, kinds = [], []
+    for x in leaves:
+        x = jnp.asarray(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.int32)
+        if x.ndim == 0:
+            operands.append(x.reshape(1))
+            kinds.append("scalar")
+        else:
+            widths = [(0, pad if n > 1 else 0) for n in x.shape]
+            operands.append(jnp.pad(x, widths))
+            kinds.append("array")
+
+    def build(refs, ctx_getter):
+        new = [ref[0] if kind == "scalar" else TileOperand(ref, ctx_getter) for ref, kind in zip(refs, kinds)]
+        return jax.tree_util.tree_unflatten(treedef, new)
+
+    return operands, build

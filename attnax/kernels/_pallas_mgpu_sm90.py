@@ -1,0 +1,269 @@
+"""Hopper (sm90) forward kernel: warp-specialised flash attention in Mosaic GPU.
+
+One CTA computes ``2 * block_q`` query rows of one (batch, head): two compute
+warpgroups of ``block_q`` rows each, and one memory warpgroup that streams K/V
+tiles through a ``num_stages`` ring of shared memory with TMA. The compute
+warpgroups alternate on the tensor cores (a schedule barrier): while one runs
+its ``Q K^T`` wgmma, the other does its softmax.
+
+The kv tiles a CTA visits come from the block mask: first the *full* tiles
+(no mask evaluation), then the *partial* ones (mask evaluated on the register
+tile). Empty tiles are never loaded. Score mods run on every tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from attnax.kernels._pallas_mgpu_common import WGMMA, WGMMA_ROW, Lowering, TileContext
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdStatic:
+    """Static description of one forward launch."""
+
+    block_q: int  # rows per compute warpgroup (the CTA covers 2 * block_q)
+    block_kv: int
+    num_stages: int
+    scale: float
+    T: int  # true query length
+    S: int  # true key length
+    group: int  # query heads per kv head
+    has_transform: bool
+    has_mask: bool
+    sparse: bool  # block lists given (else every kv tile is visited as full)
+    mask_tail: bool  # S is not a multiple of block_kv
+    interpret: bool
+
+
+def forward_kernel_call(
+    q, k, v, q_offset, lists, mod_operands, build_mods: Callable, st: FwdStatic, interpret: Any = None
+):
+    """Runs the forward kernel.
+
+    Args:
+        q: ``[B, H, Tp, D]`` with ``Tp`` a multiple of ``2 * block_q``.
+        k, v: ``[B, Hk, Sp, D]``, ``[B, Hk, Sp, Dv]`` with ``Sp`` a multiple of
+            ``block_kv``.
+        q_offset: int32 ``[B]``.
+        lists: ``(counts, order)``: int32 ``[Bm, Hm, nq, 2]`` (number of full
+            tiles, number of visited tiles) and ``[Bm, Hm, nq, nk]`` (kv tile
+            indices, full ones first, then partial); ``Bm``/``Hm`` are 1 or full.
+            None when ``st.sparse`` is False.
+        mod_operands: flattened mod leaves (see ``flatten_mods``).
+        build_mods: rebuilds ``(transform, mask_fn)`` from the leaf refs.
+
+    Returns:
+        ``out [B, H, Tp, Dv]`` (q dtype) and ``lse [B, H, Tp]`` float32 (natural log).
+    """
+    B, H, Tp, D = q.shape
+    _, Hk, Sp, Dv = v.shape
+    bq, bkv, stages = st.block_q, st.block_kv, st.num_stages
+    nq, nk = Tp // (2 * bq), Sp // bkv
+    dtype = q.dtype
+    n_ops = len(mod_operands)
+    if lists is None:
+        lists = ()
+    low = Lowering(st.interpret)
+
+    def kernel(*refs):
+        q_ref, k_ref, v_ref, qoff_ref = refs[:4]
+        list_refs = refs[4 : 4 + len(lists)]
+        op_refs = refs[4 + len(lists) : 4 + len(lists) + n_ops]
+        out_ref, lse_ref = refs[4 + len(lists) + n_ops : 6 + len(lists) + n_ops]
+        scratch = refs[6 + len(lists) + n_ops :]
+        (q_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_free, v_free), sched = scratch
+
+        b = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        qi = lax.axis_index("q_seq")
+        wg = lax.axis_index("wg")
+        hk = lax.div(h, jnp.array(st.group, h.dtype))
+
+        if st.sparse:
+            counts_ref, order_ref = list_refs
+            bb = b if counts_ref.shape[0] > 1 else 0
+            hh = h if counts_ref.shape[1] > 1 else 0
+            n_full = counts_ref[bb, hh, qi, 0]
+            n_total = counts_ref[bb, hh, qi, 1]
+
+            def kv_block(step):
+                return order_ref[bb, hh, qi, step]
+        else:
+            n_full = n_total = jnp.int32(nk)
+
+            def kv_block(step):
+                return step
+
+        def sched_sync():
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem = q_smem2.at[wg]
+            lse_smem = lse_smem2.at[wg]
+            q_row0 = qi * (2 * bq) + wg * bq
+            q_start = qoff_ref[b] + q_row0
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_row0, bq)], q_smem, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            ctx_box = [None]
+            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
+
+            m_i = low.cast(jnp.full((bq,), -jnp.inf, jnp.float32), WGMMA_ROW)
+            l_i = low.cast(jnp.zeros((bq,), jnp.float32), WGMMA_ROW)
+            acc = low.cast(jnp.zeros((bq, Dv), jnp.float32), WGMMA)
+
+            @pl.when(n_total > 0)
+            def _():
+                plgpu.barrier_wait(k_bar.at[0])
+
+            pl.when(wg == 1)(sched_sync)
+
+            def step_body(step, carry, masked: bool):
+                acc, m_i, l_i = carry
+                slot = lax.rem(step, jnp.int32(stages))
+                kv_start = kv_block(step) * bkv
+
+                s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv), during=sched_sync)
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * st.scale
+                if st.has_transform or masked:
+                    q_idx = q_start + low.iota((bq, bkv), 0)
+                    kv_idx = kv_start + low.iota((bq, bkv), 1)
+                    ctx_box[0] = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
+                    if st.has_transform:
+                        s = transform(s, b, h, q_idx, kv_idx).astype(jnp.float32)
+                    if masked:
+                        vis = None
+                        if st.has_mask:
+                            vis = mask_fn(b, h, q_idx, kv_idx)
+                        if st.mask_tail:
+                            tail = kv_idx < st.S
+                            vis = tail if vis is None else jnp.logical_and(vis, tail)
+                        if vis is not None:
+                            s = jnp.where(vis, s, -jnp.inf)
+                m_new = jnp.maximum(m_i, s.max(axis=1) * _LOG2E)
+                # A row with nothing visible yet keeps m = -inf; shift by 0 so
+                # exp2 gives 0, never NaN.
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m_i - m_use)
+                p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(sched)
+
+                def wait_next_k():
+                    nxt = step + 1
+
+                    @pl.when(nxt < n_total)
+                    def _():
+                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+
+                # A fresh accumulator plus a register add (not ACC.init(acc)):
+                # run_state has no GPU interpret-mode rule.
+                acc = acc + low.matmul_nn(p16, v_smem.at[slot], (bq, Dv), during=wait_next_k)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            carry = (acc, m_i, l_i)
+            full_masked = not st.sparse and st.mask_tail
+            if st.sparse:
+                carry = lax.fori_loop(0, n_full, lambda i, c: step_body(i, c, False), carry)
+                carry = lax.fori_loop(n_full, n_total, lambda i, c: step_body(i, c, True), carry)
+            elif full_masked:
+                # Dense with a ragged tail: only the last tile needs the bound.
+                carry = lax.fori_loop(0, n_total - 1, lambda i, c: step_body(i, c, False), carry)
+                carry = step_body(n_total - 1, carry, True)
+            else:
+                carry = lax.fori_loop(0, n_total, lambda i, c: step_body(i, c, False), carry)
+            acc, m_i, l_i = carry
+            pl.when(wg == 0)(sched_sync)
+
+            safe_l = jnp.where(l_i == 0.0, 1.0, l_i)
+            acc = acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])
+            q_smem[...] = acc.astype(dtype)
+            lse_smem[...] = jnp.where(l_i == 0.0, -jnp.inf, (m_i + jnp.log2(safe_l)) * _LN2)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, h, pl.ds(q_row0, bq)])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_row0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def fetch(step, slot):
+                rows = pl.ds(kv_block(step) * bkv, bkv)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, hk, rows], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, hk, rows], v_smem.at[slot], v_bar.at[slot])
+
+            for i in range(stages):
+
+                @pl.when(i < n_total)
+                def _():
+                    fetch(jnp.int32(i), i)
+
+            @pl.loop(stages, jnp.maximum(n_total, stages))
+            def _(step):
+                slot = lax.rem(step, jnp.int32(stages))
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                fetch(step, slot)
+
+    def entry(*refs):
+        tiling = plgpu.TilingTransform((8, 64))
+        swizzle = plgpu.SwizzleTransform(128)
+        scratch = (
+            plgpu.SMEM((2, bq, D), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bkv, D), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bkv, Dv), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((2, bq), jnp.float32),
+        )
+        barriers = (
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=2),
+        )
+        free = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
+        pl.run_scoped(
+            lambda *s: kernel(*refs, *s),
+            scratch,
+            barriers,
+            free,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    out_type = (
+        jax.ShapeDtypeStruct((B, H, Tp, Dv), dtype),
+        jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
+    )
+    kwargs = {} if interpret is None else {"interpret": interpret}
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=(H, nq, B),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kwargs,
+    )(q, k, v, q_offset, *lists, *mod_operands)
