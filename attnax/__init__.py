@@ -6,18 +6,28 @@ from attnax.block_mask import BlockMask
 from attnax.block_mask import create_block_mask
 from attnax.kernels import flash_attention
 from attnax.kernels import memory_efficient_attention
+from attnax.kernels import ring_attention
+from attnax.kernels import ring_attention_reference
 from attnax.kernels import standard_attention
+from attnax.nn import AttentionType
+from attnax.nn import MultiHeadAttention
+from attnax.nn import as_flax_attention_fn
 from attnax.reference import attention_reference
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionType",
     "BlockMask",
+    "MultiHeadAttention",
+    "as_flax_attention_fn",
     "attention_reference",
     "create_block_mask",
     "flash_attention",
     "kernels",
     "memory_efficient_attention",
+    "ring_attention",
+    "ring_attention_reference",
     "score_mods",
     "standard_attention",
 ]

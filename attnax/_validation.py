@@ -238,3 +238,266 @@ def check_kernel_options(name: str, options: dict, allowed: tuple[str, ...]):
         raise TypeError(
             f"`{name}` got unexpected keyword argument(s) {unknown}; its options are {sorted(allowed) or 'none'}."
         )
+
+
+# --- attnax.nn: MultiHeadAttention, RoPE, decode cache, the Flax adapter ----------------------------------------
+
+
+def _is_pos_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
+
+
+def check_mha_config(
+    *, num_heads, num_kv_heads, in_features, in_kv_features, qkv_features, out_features, dropout_rate,
+    broadcast_dropout,
+) -> None:
+    """Constructor arguments of :class:`attnax.MultiHeadAttention` (resolved defaults)."""  # fmt: skip
+    for name, v in (
+        ("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("in_features", in_features),
+        ("in_kv_features", in_kv_features), ("qkv_features", qkv_features), ("out_features", out_features),
+    ):  # fmt: skip
+        if not _is_pos_int(v):
+            raise ValueError(f"`{name}` must be a positive int; got {v!r}.")
+    if qkv_features % num_heads:
+        raise ValueError(
+            f"`qkv_features` ({qkv_features}) must be divisible by `num_heads` ({num_heads}): each head gets "
+            f"qkv_features // num_heads features. Pick qkv_features = num_heads * head_dim."
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"`num_heads` ({num_heads}) must be a multiple of `num_kv_heads` ({num_kv_heads}) for grouped-query "
+            f"attention: query head h reads kv head h // (num_heads // num_kv_heads)."
+        )
+    check_dropout(dropout_rate, None, True)
+    if broadcast_dropout and dropout_rate > 0.0:
+        raise NotImplementedError(
+            "`broadcast_dropout=True` is not supported: attnax kernels draw the dropout mask as a function of "
+            "(dropout_rng, b, h, i, j), one independent mask per batch row and head. Set broadcast_dropout=False."
+        )
+
+
+def check_mha_inputs(inputs_q, inputs_kv, *, in_features: int, in_kv_features: int) -> None:
+    """Inputs of a :class:`attnax.MultiHeadAttention` call: ``[batch, length, features]``."""
+    shape_q = _shape_of("inputs_q", inputs_q)
+    if len(shape_q) != 3:
+        raise ValueError(
+            f"`inputs_q` must have shape [batch, length, features]; got shape {shape_q}. Add a batch axis "
+            f"(x[None]) or merge extra ones (x.reshape(-1, *x.shape[-2:]))."
+        )
+    if shape_q[-1] != in_features:
+        raise ValueError(
+            f"`inputs_q` has {shape_q[-1]} features (last axis of shape {shape_q}) but the module was built "
+            f"with in_features={in_features}. Project the input or rebuild with in_features={shape_q[-1]}."
+        )
+    if inputs_kv is None:
+        return
+    shape_kv = _shape_of("inputs_kv", inputs_kv)
+    if len(shape_kv) != 3 or shape_kv[0] != shape_q[0]:
+        raise ValueError(
+            f"`inputs_kv` must have shape [batch, kv_length, features] with the batch of `inputs_q`; "
+            f"got inputs_q {shape_q} and inputs_kv {shape_kv}."
+        )
+    if shape_kv[-1] != in_kv_features:
+        raise ValueError(
+            f"`inputs_kv` has {shape_kv[-1]} features (last axis of shape {shape_kv}) but the module was built "
+            f"with in_kv_features={in_kv_features}. Rebuild with in_kv_features={shape_kv[-1]}."
+        )
+
+
+def check_rope(rope, head_dim: int):
+    """``rope`` is None/False, True, or an :class:`attnax.nn.RoPE`; the head dim must be even."""
+    from attnax.nn._rope import RoPE
+
+    if rope is None or rope is False:
+        return None
+    if rope is True:
+        rope = RoPE()
+    if not isinstance(rope, RoPE):
+        raise TypeError(f"`rope` must be None, True or an attnax.nn.RoPE; got {type(rope).__name__}.")
+    if head_dim % 2:
+        raise ValueError(
+            f"rotary embeddings rotate pairs of features, so the head dim must be even; got head_dim={head_dim} "
+            f"(qkv_features // num_heads). Choose qkv_features so that the head dim is even, or set rope=None."
+        )
+    return rope
+
+
+def check_rope_base(base) -> float:
+    """The RoPE wavelength base: a real number > 1."""
+    if isinstance(base, bool) or not isinstance(base, numbers.Real) or not base > 1:
+        raise ValueError(f"`base` (the RoPE wavelength base) must be a number > 1; got {base!r}. Typical: 10000.0.")
+    return float(base)
+
+
+def check_init_cache(batch_size, max_length) -> None:
+    """Arguments of ``MultiHeadAttention.init_cache``."""
+    if not _is_pos_int(batch_size):
+        raise ValueError(f"`batch_size` must be a positive int; got {batch_size!r}.")
+    if not _is_pos_int(max_length):
+        raise ValueError(f"`max_length` must be a positive int (the cache capacity in tokens); got {max_length!r}.")
+
+
+def check_decode_call(cache, inputs_kv) -> None:
+    """A decode-mode call: a cache exists, and it is self-attention."""
+    if cache is None:
+        raise ValueError(
+            "decode mode needs a KV cache: call `attn.init_cache(batch_size, max_length)` first "
+            "(or pass decode=False)."
+        )
+    if inputs_kv is not None:
+        raise ValueError(
+            "decode mode is causal self-attention over the cache: `inputs_kv` must be None; got an array. "
+            "Use decode=False for cross-attention."
+        )
+
+
+def check_cache_append(key, value, cache_shape: tuple) -> None:
+    """New keys/values ``[B, T, Hk, D]`` must match a ``[B, S_max, Hk, D]`` cache but for the length."""
+    for name, x in (("key", key), ("value", value)):
+        shape = tuple(x.shape)
+        if len(shape) != 4 or shape[0] != cache_shape[0] or shape[2:] != cache_shape[2:]:
+            raise ValueError(
+                f"decode: the new {name} has shape {shape} but the cache holds [batch, max_length, num_kv_heads, "
+                f"head_dim] = {list(cache_shape)}; batch, heads and head_dim must agree. Call init_cache with "
+                f"batch_size={shape[0]}."
+            )
+
+
+def check_cache_capacity(index, length: int, max_length: int) -> None:
+    """Appending ``length`` tokens at ``index`` must fit into ``max_length`` slots.
+
+    The static part (``length > max_length``) is always checked; the position is
+    checked when it is concrete (eager calls). Under ``jit`` the index is traced:
+    callers then poison the output instead (NaN), see ``attnax.nn``.
+    """
+    if length > max_length:
+        raise ValueError(
+            f"cache overflow: {length} new tokens cannot fit in a KV cache of max_length={max_length}. "
+            f"Call init_cache with max_length >= {length}."
+        )
+    if isinstance(index, jax.core.Tracer):
+        return
+    index = int(index)
+    if index + length > max_length:
+        raise ValueError(
+            f"cache overflow: the KV cache holds {index} of max_length={max_length} tokens; appending {length} "
+            f"more needs {index + length}. Call init_cache with a larger max_length (or a fresh cache)."
+        )
+
+
+def check_attention_fn(attention_fn) -> None:
+    """``attention_fn``: None, an :class:`attnax.AttentionType` (or its name), or a callable."""
+    from attnax.nn._types import AttentionType
+
+    if attention_fn is None or isinstance(attention_fn, AttentionType) or callable(attention_fn):
+        return
+    if isinstance(attention_fn, str):
+        names = sorted(t.value for t in AttentionType)
+        if attention_fn.lower() not in names:
+            raise ValueError(f"`attention_fn` names no attnax kernel: got {attention_fn!r}; expected one of {names}.")
+        return
+    raise TypeError(
+        f"`attention_fn` must be None (flash_attention), an attnax.AttentionType, a kernel name, or a callable "
+        f"with the attnax AttentionFn contract; got {type(attention_fn).__name__}."
+    )
+
+
+def check_flax_attention_call(*, dropout_active: bool, broadcast_dropout: bool, module) -> None:
+    """Flax ``attention_fn`` keywords an attnax kernel cannot serve."""
+    if module is not None:
+        raise NotImplementedError(
+            "`module` is set (MultiHeadAttention(..., sow_weights=True)): attnax kernels never materialise the "
+            "attention weights, so there is nothing to sow. Call with sow_weights=False, or use "
+            "flax.nnx.dot_product_attention_weights for introspection."
+        )
+    if dropout_active and broadcast_dropout:
+        raise NotImplementedError(
+            "`broadcast_dropout=True` with active dropout: attnax kernels draw one dropout mask per batch row and "
+            "head (a function of dropout_rng, b, h, i, j). Build the Flax module with broadcast_dropout=False."
+        )
+
+
+def check_dropout_rngs(rngs) -> None:
+    """Active dropout in ``MultiHeadAttention`` needs randomness from the call or the module."""
+    if rngs is None:
+        raise ValueError(
+            "dropout is on (dropout_rate > 0, deterministic=False) but no randomness is available: pass "
+            "rngs=nnx.Rngs(dropout=...) to the call, build the module with keep_rngs=True, or set "
+            "deterministic=True."
+        )
+
+
+def check_ring_layout(layout) -> str:
+    """Ring attention's sequence layout: ``"zigzag"`` or ``"contiguous"``."""
+    if layout not in ("zigzag", "contiguous"):
+        raise ValueError(f"`layout` must be 'zigzag' or 'contiguous'; got {layout!r}.")
+    return layout
+
+
+def check_ring_seq_len(name: str, length: int, num_devices: int) -> None:
+    """A global sequence length that splits into ``2 * num_devices`` equal chunks."""
+    if not isinstance(length, (int, np.integer)) or isinstance(length, bool) or length < 1:
+        raise ValueError(f"`{name}` must be a positive int; got {length!r}.")
+    if length % (2 * num_devices):
+        raise ValueError(
+            f"`{name}` ({length}) must be a multiple of 2 * num_devices ({2 * num_devices}) for the zig-zag "
+            f"layout; pad the sequence to {-(-length // (2 * num_devices)) * 2 * num_devices}."
+        )
+
+
+def _axis_tuple(axis) -> tuple:
+    if axis is None:
+        return ()
+    return tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+
+
+def check_ring_style(axis_name, mesh, seq_axis, batch_axis, head_axis) -> str:
+    """Which call style of ring attention: ``"shard_map"`` (``axis_name=``) or ``"mesh"``."""
+    if (axis_name is None) == (mesh is None):
+        raise ValueError(
+            "ring attention takes exactly one of `axis_name=` (called inside shard_map, on local shards) or "
+            f"`mesh=` with `seq_axis=` (called on global arrays); got axis_name={axis_name!r}, "
+            f"mesh={'None' if mesh is None else 'a Mesh'}."
+        )
+    if axis_name is not None:
+        if seq_axis is not None or batch_axis is not None or head_axis is not None:
+            raise ValueError(
+                "`seq_axis`, `batch_axis` and `head_axis` go with `mesh=`; inside shard_map pass only "
+                f"`axis_name=` (got seq_axis={seq_axis!r}, batch_axis={batch_axis!r}, head_axis={head_axis!r})."
+            )
+        return "shard_map"
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh (jax.make_mesh); got {type(mesh).__name__}.")
+    if seq_axis is None:
+        raise ValueError(f"`mesh=` needs `seq_axis=`, the mesh axis to shard the sequence over; mesh axes are "
+                         f"{tuple(mesh.axis_names)}.")
+    seen = []
+    for name, axis in (("seq_axis", seq_axis), ("batch_axis", batch_axis), ("head_axis", head_axis)):
+        for a in _axis_tuple(axis):
+            if a not in mesh.axis_names:
+                raise ValueError(f"`{name}` names mesh axis {a!r}, which is not one of {tuple(mesh.axis_names)}.")
+            if a in seen:
+                raise ValueError(f"mesh axis {a!r} is used twice among seq_axis, batch_axis and head_axis.")
+            seen.append(a)
+    return "mesh"
+
+
+def check_ring_mesh_dims(dims: AttentionDims, mesh, batch_axis, head_axis) -> None:
+    """Batch and heads divide evenly over the mesh axes that shard them."""
+    for name, axis, sizes in (("batch", batch_axis, {"batch": dims.B}), ("head", head_axis,
+                              {"num_heads": dims.H, "num_kv_heads": dims.Hk})):  # fmt: skip
+        n = int(np.prod([mesh.shape[a] for a in _axis_tuple(axis)]))
+        for what, size in sizes.items():
+            if size % n:
+                raise ValueError(
+                    f"`{what}` ({size}) must be a multiple of the size of `{name}_axis` {axis!r} ({n}) to shard it."
+                )
+
+
+def check_ring_local_len(name: str, length: int, layout: str) -> None:
+    """Inside shard_map, a zig-zag shard is two equal chunks: its length must be even."""
+    if layout == "zigzag" and length % 2:
+        raise ValueError(
+            f"with layout='zigzag' the local {name} length must be even (two chunks per device); got {length}. "
+            "Pad the global sequence to a multiple of 2 * num_devices, or use layout='contiguous'."
+        )

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnax.score_mods._base import _as_mask_mod, grid_indices
+from attnax.score_mods._base import TileRanges, _as_mask_mod, grid_indices, mask_block_classes
 
 __all__ = ["BlockMask", "create_block_mask"]
 
@@ -34,7 +34,7 @@ def _sorted_indices(selected):
     # Past the count, repeat the last valid index so a pipelined kernel that
     # prefetches one step ahead re-reads a block it already holds.
     last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-    pos = jnp.arange(n, dtype=jnp.int32)
+    pos = jnp.arange(n, dtype=jnp.int32).reshape((1,) * count.ndim + (n,))
     return count, jnp.where(pos < count[..., None], order, last)
 
 
@@ -200,8 +200,24 @@ def create_block_mask(mask_mod, B, H, T: int, S: int, *, block_size=128, q_offse
         all_ = jnp.all(jnp.logical_or(vis, ~rng[None, None]), axis=(2, 4))
         return jnp.where(any_, jnp.where(all_, FULL, PARTIAL), EMPTY).astype(jnp.int8)
 
-    classes = jax.lax.map(classify, jnp.arange(nq))  # [nq, B, H, nk]
-    classes = jnp.moveaxis(classes, 0, 2)  # [B, H, nq, nk]
+    # Mods that know their tiles' classes from position ranges (causal,
+    # windows, prefix-LM, documents) skip the element-by-element evaluation.
+    q_lo = (jnp.arange(nq, dtype=jnp.int32) * bq).reshape(1, 1, nq, 1)
+    kv_lo = jnp.arange(nk, dtype=jnp.int32) * bkv
+    tiles = TileRanges(
+        q_lo=q_lo + q_off,
+        q_hi=jnp.minimum(q_lo + bq, T) - 1 + q_off,
+        kv_lo=kv_lo.reshape(1, 1, 1, nk),
+        kv_hi=(jnp.minimum(kv_lo + bkv, S) - 1).reshape(1, 1, 1, nk),
+        block_q=bq,
+        block_kv=bkv,
+    )
+    classes = mask_block_classes(mask_mod, b, h, tiles)
+    if classes is not None:
+        classes = jnp.broadcast_to(classes, (Bn, Hn, nq, nk)).astype(jnp.int8)
+    else:
+        classes = jax.lax.map(classify, jnp.arange(nq))  # [nq, B, H, nk]
+        classes = jnp.moveaxis(classes, 0, 2)  # [B, H, nq, nk]
     kv_n, kv_i = _sorted_indices(classes == PARTIAL)
     fkv_n, fkv_i = _sorted_indices(classes == FULL)
     t = jnp.swapaxes(classes, 2, 3)

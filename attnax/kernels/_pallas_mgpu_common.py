@@ -53,7 +53,12 @@ class Lowering:
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
 
     def load(self, ref, layout):
-        return ref[...] if self.interpret else plgpu.load(ref, (), layout=layout)
+        return ref[...] if self.interpret else plgpu.load(ref, (), layout=layout, optimized=False)
+
+    def load_transposed(self, ref, layout):
+        if self.interpret:
+            return ref[...].T
+        return plgpu.load(plgpu.transpose_ref(ref, (1, 0)), (), layout=layout, optimized=False)
 
     # GPU interpret mode (jax 0.10) models wgmma only with both operands in
     # shared memory and B untransposed. Interpreted, the two products below are
@@ -96,14 +101,19 @@ class Lowering:
 
 @dataclasses.dataclass
 class TileContext:
-    """Where the current score tile sits: its position arrays and slices."""
+    """Where the current score tile sits: its position arrays and slices.
 
-    q_idx: Any  # int32 [bq, bkv] (WGMMA layout): absolute query positions
-    kv_idx: Any  # int32 [bq, bkv]: absolute key positions
-    q_start: Any  # scalar: absolute position of the tile's first row
-    kv_start: Any  # scalar: absolute position of the tile's first column
+    ``q_axis`` is 0 for a ``[queries, keys]`` tile (forward, dQ) and 1 for a
+    transposed ``[keys, queries]`` tile (dK/dV).
+    """
+
+    q_idx: Any  # int32 tile of absolute query positions
+    kv_idx: Any  # int32 tile of absolute key positions
+    q_start: Any  # scalar: absolute position of the tile's first query
+    kv_start: Any  # scalar: absolute position of the tile's first key
     shape: tuple[int, int]
     lowering: Lowering
+    q_axis: int = 0
 
 
 class TileOperand:
@@ -125,15 +135,16 @@ class TileOperand:
                 f"inside a Pallas kernel a mod must index its array leaf of shape {self.shape} with "
                 f"{self.ndim} indices (scalars, q_idx or kv_idx); got {len(idx)}."
             )
-        ref_idx, row_dim, col_dim, kept = [], None, None, 0
+        ref_idx, q_dim, kv_dim, kept = [], None, None, 0
+        n_q, n_kv = (ctx.shape[0], ctx.shape[1]) if ctx.q_axis == 0 else (ctx.shape[1], ctx.shape[0])
         for i in idx:
             if i is ctx.q_idx:
-                ref_idx.append(pl.ds(ctx.q_start, ctx.shape[0]))
-                row_dim = kept
+                ref_idx.append(pl.ds(ctx.q_start, n_q))
+                q_dim = kept
                 kept += 1
             elif i is ctx.kv_idx:
-                ref_idx.append(pl.ds(ctx.kv_start, ctx.shape[1]))
-                col_dim = kept
+                ref_idx.append(pl.ds(ctx.kv_start, n_kv))
+                kv_dim = kept
                 kept += 1
             elif jnp.ndim(i) == 0:
                 ref_idx.append(i)
@@ -144,17 +155,18 @@ class TileOperand:
                 )
         ref_idx = tuple(ref_idx)
         low = ctx.lowering
-        if row_dim is None and col_dim is None:
+        if q_dim is None and kv_dim is None:
             return self._ref[ref_idx]
-        if col_dim is None:
-            v = low.load(self._ref.at[ref_idx], WGMMA_ROW)
-            return low.cast(lax.broadcast_in_dim(v, ctx.shape, [0]), WGMMA)
-        if row_dim is None:
-            v = low.load(self._ref.at[ref_idx], WGMMA_COL)
-            return low.cast(lax.broadcast_in_dim(v, ctx.shape, [1]), WGMMA)
-        if row_dim > col_dim:
-            raise NotImplementedError("index a 2-D leaf as [..., q_idx, ..., kv_idx] (query dimension first).")
-        return low.load(self._ref.at[ref_idx], WGMMA)
+        if q_dim is not None and kv_dim is not None:
+            if q_dim > kv_dim:
+                raise NotImplementedError("index a 2-D leaf as [..., q_idx, ..., kv_idx] (query dimension first).")
+            if ctx.q_axis == 0:
+                return low.load(self._ref.at[ref_idx], WGMMA)
+            return low.load_transposed(self._ref.at[ref_idx], WGMMA)
+        # A vector along one tile axis, broadcast along the other.
+        axis = ctx.q_axis if q_dim is not None else 1 - ctx.q_axis
+        v = low.load(self._ref.at[ref_idx], WGMMA_ROW if axis == 0 else WGMMA_COL)
+        return low.cast(lax.broadcast_in_dim(v, ctx.shape, [axis]), WGMMA)
 
 
 def flatten_mods(mods, pad: int):

@@ -70,6 +70,22 @@ class AttentionMod:
         del b, h, q_idx, kv_idx
         return None
 
+    def block_classes(self, b, h, tiles):
+        """Classifies tiles exactly from their position ranges, or returns None.
+
+        Args:
+            b, h: broadcastable batch and head indices.
+            tiles: a :class:`TileRanges`.
+
+        Returns:
+            int8 classes (0 empty, 1 partial, 2 full) broadcastable to
+            ``[B, H, nq, nk]``, or None when this mod cannot tell without
+            evaluating its mask element by element. "Partial" may be
+            conservative; "empty" and "full" must be exact.
+        """
+        del b, h, tiles
+        return None
+
     def __call__(self, score, b, h, q_idx, kv_idx):
         out = self.transform(score, b, h, q_idx, kv_idx) if self.has_transform else score
         if self.has_mask:
@@ -82,6 +98,43 @@ class AttentionMod:
         return _MaskOf(self) if self.has_mask else None
 
 
+@dataclasses.dataclass(frozen=True)
+class TileRanges:
+    """Position ranges of the tiles of a ``[T, S]`` score matrix (absolute, inclusive).
+
+    ``q_lo``/``q_hi`` broadcast as ``[B or 1, 1, nq, 1]``, ``kv_lo``/``kv_hi``
+    as ``[1, 1, 1, nk]``; ``block_q``/``block_kv`` bound each range's width.
+    """
+
+    q_lo: Any
+    q_hi: Any
+    kv_lo: Any
+    kv_hi: Any
+    block_q: int
+    block_kv: int
+
+
+def classify(full, empty):
+    """int8 tile classes from boolean 'all visible' and 'none visible' arrays."""
+    return jnp.where(empty, 0, jnp.where(full, 2, 1)).astype(jnp.int8)
+
+
+def combine_classes(classes, how):
+    """AND (``min``) or OR (``max``) of tile classes; None if any is unknown."""
+    if not classes or any(c is None for c in classes):
+        return None
+    out = classes[0]
+    for c in classes[1:]:
+        out = jnp.minimum(out, c) if how == "and" else jnp.maximum(out, c)
+    return out
+
+
+def mask_block_classes(mask_mod, b, h, tiles):
+    """``mask_mod.block_classes(...)`` when the mod offers it, else None."""
+    fn = getattr(mask_mod, "block_classes", None)
+    return None if fn is None else fn(b, h, tiles)
+
+
 @mod_dataclass
 class _MaskOf:
     """The mask part of an :class:`AttentionMod`, as a mask mod (a pytree)."""
@@ -90,6 +143,9 @@ class _MaskOf:
 
     def __call__(self, b, h, q_idx, kv_idx):
         return self.mod.mask(b, h, q_idx, kv_idx)
+
+    def block_classes(self, b, h, tiles):
+        return self.mod.block_classes(b, h, tiles)
 
 
 def _is_plain_callable(fn) -> bool:
@@ -124,6 +180,9 @@ class _StaticMaskFn:
     def __call__(self, b, h, q_idx, kv_idx):
         return self.fn(b, h, q_idx, kv_idx)
 
+    def block_classes(self, b, h, tiles):
+        return mask_block_classes(self.fn, b, h, tiles)
+
 
 def _as_score_mod(fn) -> AttentionMod:
     if isinstance(fn, AttentionMod):
@@ -148,6 +207,9 @@ class MaskScoreMod(AttentionMod):
 
     def mask(self, b, h, q_idx, kv_idx):
         return self.mask_fn(b, h, q_idx, kv_idx)
+
+    def block_classes(self, b, h, tiles):
+        return mask_block_classes(self.mask_fn, b, h, tiles)
 
 
 @mod_dataclass
@@ -178,6 +240,9 @@ class ComposedMod(AttentionMod):
                 out = mm if out is None else jnp.logical_and(out, mm)
         return out
 
+    def block_classes(self, b, h, tiles):
+        return combine_classes([m.block_classes(b, h, tiles) for m in self.mods if m.has_mask], "and")
+
 
 @mod_dataclass
 class _AndMask:
@@ -189,6 +254,9 @@ class _AndMask:
             out = jnp.logical_and(out, m(b, h, q_idx, kv_idx))
         return out
 
+    def block_classes(self, b, h, tiles):
+        return combine_classes([mask_block_classes(m, b, h, tiles) for m in self.mods], "and")
+
 
 @mod_dataclass
 class _OrMask:
@@ -199,6 +267,9 @@ class _OrMask:
         for m in self.mods[1:]:
             out = jnp.logical_or(out, m(b, h, q_idx, kv_idx))
         return out
+
+    def block_classes(self, b, h, tiles):
+        return combine_classes([mask_block_classes(m, b, h, tiles) for m in self.mods], "or")
 
 
 def compose_score_mods(*mods) -> AttentionMod:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnax.score_mods._base import AttentionMod, mod_dataclass
+from attnax.score_mods._base import AttentionMod, classify, combine_classes, mod_dataclass
 
 __all__ = [
     "additive_bias_mod",
@@ -37,6 +37,9 @@ class CausalMod(AttentionMod):
     def mask(self, b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
 
+    def block_classes(self, b, h, t):
+        return classify(full=t.kv_hi <= t.q_lo, empty=t.kv_lo > t.q_hi)
+
 
 @mod_dataclass(static=("left", "right"))
 class SlidingWindowMod(AttentionMod):
@@ -56,6 +59,14 @@ class SlidingWindowMod(AttentionMod):
         if out is None:
             out = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(kv_idx)), dtype=bool)
         return out
+
+    def block_classes(self, b, h, t):
+        parts = [classify(full=jnp.ones((), bool), empty=jnp.zeros((), bool))]
+        if self.left >= 0:
+            parts.append(classify(full=t.kv_lo >= t.q_hi - self.left, empty=t.kv_hi < t.q_lo - self.left))
+        if self.right >= 0:
+            parts.append(classify(full=t.kv_hi <= t.q_lo + self.right, empty=t.kv_lo > t.q_hi + self.right))
+        return combine_classes(parts, "and")
 
 
 @mod_dataclass
@@ -83,11 +94,28 @@ class PrefixLMMod(AttentionMod):
             p = p[b]
         return jnp.logical_or(kv_idx < p, kv_idx <= q_idx)
 
+    def block_classes(self, b, h, t):
+        p = self.prefix_length
+        if p.ndim:
+            p = p[b]
+        full = jnp.logical_or(t.kv_hi < p, t.kv_hi <= t.q_lo)
+        empty = jnp.logical_and(t.kv_lo >= p, t.kv_lo > t.q_hi)
+        return classify(full=full, empty=empty)
+
 
 def _ids_at(ids, b, pos):
     # Index the leaf directly (no jnp.asarray): inside Pallas kernels leaves are
     # tile operands that understand indexing by b and by the position arrays.
     return ids[pos] if ids.ndim == 1 else ids[b, pos]
+
+
+def _range_min_max(ids, b, lo, hi, width):
+    """Min and max of ``ids`` over each inclusive position range ``[lo, hi]``."""
+    offsets = jnp.arange(width, dtype=lo.dtype).reshape((1,) * lo.ndim + (width,))
+    pos = jnp.minimum(jnp.expand_dims(lo, -1) + offsets, jnp.expand_dims(hi, -1))
+    b = jnp.asarray(b)
+    vals = ids[pos] if ids.ndim == 1 else ids[b.reshape(b.shape + (1,) * (pos.ndim - b.ndim)), pos]
+    return jnp.min(vals, axis=-1), jnp.max(vals, axis=-1)
 
 
 @mod_dataclass
@@ -101,6 +129,17 @@ class DocumentMaskMod(AttentionMod):
     def mask(self, b, h, q_idx, kv_idx):
         kv_ids = self.segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
         return _ids_at(self.segment_ids, b, q_idx) == _ids_at(kv_ids, b, kv_idx)
+
+    def block_classes(self, b, h, t):
+        # Disjoint [min, max] id ranges of rows and columns prove a tile empty;
+        # one id shared by every row and column proves it full; anything else
+        # is (conservatively) partial. Exact for packed, sorted ids.
+        kv_ids = self.segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
+        q_min, q_max = _range_min_max(self.segment_ids, b, t.q_lo, t.q_hi, t.block_q)
+        k_min, k_max = _range_min_max(kv_ids, b, t.kv_lo, t.kv_hi, t.block_kv)
+        empty = jnp.logical_or(q_max < k_min, k_max < q_min)
+        full = (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
+        return classify(full=full, empty=empty)
 
 
 @mod_dataclass
