@@ -20,9 +20,12 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules attnax
 
+# -E: a fresh environment every time, so warnings in unchanged pages are not skipped.
+# The doctest builder reuses the html build's doctrees and runs the examples of the
+# narrative pages (docstring examples run under `make test`).
 docs: $(VENV)/.installed-docs
-	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
-	$(BIN)/python -m sphinx -W --keep-going -b doctest docs docs/_build/doctest
+	$(BIN)/python -m sphinx -E -W --keep-going -b html -d docs/_build/doctrees docs docs/_build/html
+	$(BIN)/python -m sphinx -W --keep-going -b doctest -d docs/_build/doctrees docs docs/_build/doctest
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks --help

@@ -24,11 +24,13 @@ from attnax.kernels._tiles import (
     cotangent_tree,
     diff_leaves,
     has_any_mask,
+    match_vma,
     tile_dropout_scale,
     tile_positions,
     tile_transform,
     tile_visible,
 )
+from attnax.score_mods._base import _as_mask_mod, _as_score_mod
 
 __all__ = ["MemoryEfficientConfig", "memory_efficient_attention"]
 
@@ -132,6 +134,7 @@ def forward(q, k, v, extras: TileExtras, static: TileStatic):
             jnp.zeros((B, H, bq), acc),
             jnp.zeros((B, H, bq, v.shape[-1]), acc),
         )
+        init = match_vma(init, q, k, v, extras)  # inside shard_map: carries vary like the inputs
         (m, l, o), _ = jax.lax.scan(kv_step, init, (jnp.arange(nk), kb, vb))
         out = o / jnp.where(l > 0, l, 1.0)[..., None]
         lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + jnp.where(jnp.isfinite(m), m, 0.0), -jnp.inf)
@@ -169,18 +172,19 @@ def backward(q, k, v, extras: TileExtras, static: TileStatic, out, lse, dout, dl
     maskable = has_any_mask(extras) or nk * bkv != static.S or nq * bq != static.T
     mod_leaves, rebuild = diff_leaves(extras.score_mod)
 
+    # dq is accumulated in place across kv chunks (a carry), not stacked per
+    # kv chunk: stacking would cost O(T * S / block_kv * D) memory.
     def kv_chunk(carry, xs):
-        dmod = carry
+        dmod, dq_acc = carry
         j, kj, vj = xs
 
         def q_step(inner, ys):
-            dk, dv, dmod = inner
             i, qi, doi, lsei, deltai = ys
             pos = tile_positions(extras, B, H, i * bq, j * bkv, bq, bkv)
             vis = tile_visible(extras, static, pos)
 
             def update(inner):
-                dk, dv, dmod = inner
+                dk, dv, dmod, dq_acc = inner
                 s_raw = _scores(qi, kj, static, acc)
                 s, transform_vjp = jax.vjp(lambda s, leaves: tile_transform(rebuild(leaves), s, pos), s_raw, mod_leaves)
                 p = jnp.where(vis, jnp.exp(jnp.where(vis, s, 0.0) - lsei[..., None]), 0.0)
@@ -198,20 +202,25 @@ def backward(q, k, v, extras: TileExtras, static: TileStatic, out, lse, dout, dl
                 dq_i = jnp.einsum("bkgts,bksd->bkgtd", _grouped(ds_raw, Hk), kj, preferred_element_type=acc)
                 dk_j = jnp.einsum("bkgts,bkgtd->bksd", _grouped(ds_raw, Hk), qi, preferred_element_type=acc)
                 dmod = [a + g for a, g in zip(dmod, dleaves)]
-                return (dk + dk_j, dv + dv_j, dmod), dq_i
+                dq_acc = jax.lax.dynamic_update_index_in_dim(
+                    dq_acc, jax.lax.dynamic_index_in_dim(dq_acc, i, 0, keepdims=False) + dq_i, i, 0
+                )
+                return dk + dk_j, dv + dv_j, dmod, dq_acc
 
             if not maskable:
-                return update(inner)
-            zero_dq = jnp.zeros(qi.shape, acc)
-            return jax.lax.cond(jnp.any(vis), update, lambda c: (c, zero_dq), inner)
+                return update(inner), None
+            return jax.lax.cond(jnp.any(vis), update, lambda c: c, inner), None
 
-        init = (jnp.zeros(kj.shape, acc), jnp.zeros(vj.shape, acc), dmod)
-        (dk, dv, dmod), dq = jax.lax.scan(q_step, init, (jnp.arange(nq), qb, dob, lseb, deltab))
-        return dmod, (dk, dv, dq)
+        init = (jnp.zeros(kj.shape, acc), jnp.zeros(vj.shape, acc), dmod, dq_acc)
+        init = match_vma(init, q, k, v, dout, extras)
+        (dk, dv, dmod, dq_acc), _ = jax.lax.scan(q_step, init, (jnp.arange(nq), qb, dob, lseb, deltab))
+        return (dmod, dq_acc), (dk, dv)
 
-    dmod0 = [jnp.zeros(x.shape, x.dtype) for x in mod_leaves]
-    dmod, (dk, dv, dq) = jax.lax.scan(kv_chunk, dmod0, (jnp.arange(nk), kb, vb))
-    dq = jnp.sum(dq, axis=0)  # [nq, B, Hk, G, bq, D]
+    # jnp.shape: a scalar leaf may come back from jit as a typed Python scalar (no .shape).
+    dmod0 = [jnp.zeros(jnp.shape(x), x.dtype) for x in mod_leaves]
+    dq0 = jnp.zeros(qb.shape, acc)  # [nq, B, Hk, G, bq, D]
+    dmod0, dq0 = match_vma((dmod0, dq0), q, k, v, dout, extras)
+    (dmod, dq), (dk, dv) = jax.lax.scan(kv_chunk, (dmod0, dq0), (jnp.arange(nk), kb, vb))
     dq = jnp.moveaxis(dq, 0, 3).reshape(B, H, nq * bq, -1)[:, :, :T]
     dk = jnp.moveaxis(dk, 0, 2).reshape(B, Hk, -1, k.shape[-1])[:, :, : static.S]
     dv = jnp.moveaxis(dv, 0, 2).reshape(B, Hk, -1, v.shape[-1])[:, :, : static.S]
@@ -278,9 +287,8 @@ def memory_efficient_attention(
         query: ``[B, H, T, D]``.
         key: ``[B, Hk, S, D]``.
         value: ``[B, Hk, S, Dv]``.
-        score_mod, mask_mod, mask, block_mask, scale, q_offset, dropout_rate,
-            dropout_rng, deterministic, return_lse: see
-            :class:`attnax.typing.AttentionFn`.
+        score_mod, mask_mod, mask, block_mask, scale, q_offset, dropout_rate, dropout_rng, deterministic, return_lse:
+            see :class:`attnax.typing.AttentionFn`.
         **kernel_options: ``config`` (a :class:`MemoryEfficientConfig`) and
             ``kv_offset`` (absolute position of key 0, default 0: for a key
             shard or cache window).
@@ -311,9 +319,11 @@ def memory_efficient_attention(
         scale=args.scale, dropout_rate=args.dropout_rate, T=d.T, S=d.S,
         block_q=min(config.block_q, d.T), block_kv=min(config.block_kv, d.S),
     )  # fmt: skip
+    # Plain callables (lambdas) are not JAX types: custom_vjp needs them wrapped
+    # as pytrees with the function as static metadata.
     extras = TileExtras(
-        score_mod=_as_arrays(score_mod),
-        mask_mod=mask_mod,
+        score_mod=None if score_mod is None else _as_arrays(_as_score_mod(score_mod)),
+        mask_mod=None if mask_mod is None else _as_mask_mod(mask_mod),
         block_mask=block_mask,
         mask=args.mask,
         q_offset=jnp.asarray(args.q_offset, jnp.int32),

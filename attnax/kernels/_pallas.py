@@ -17,6 +17,7 @@ from attnax._validation import check_attention_args, check_kernel_options
 from attnax.block_mask import EMPTY, FULL, PARTIAL, create_block_mask
 from attnax.kernels import _pallas_mgpu_common as common
 from attnax.kernels import _pallas_mgpu_sm90 as sm90
+from attnax.kernels import _pallas_mgpu_sm90_bwd as sm90_bwd
 from attnax.score_mods._base import _as_mask_mod, _as_score_mod
 
 __all__ = ["PallasFlashConfig", "pallas_flash_attention"]
@@ -103,14 +104,13 @@ def _depends_on(mask_fn, B, H):
     return shape[0] != 1, shape[1] != 1
 
 
-def tile_lists(mask_fn, block_mask, dims, q_offset, block_q: int, block_kv: int):
-    """Per query tile: how many kv tiles are full, how many to visit, and their order.
+def tile_classes(mask_fn, block_mask, dims, q_offset, block_q: int, block_kv: int):
+    """int8 classes ``[Bm, Hm, nq, nk]`` of the ``(block_q, block_kv)`` tiles.
 
-    Returns ``(counts [Bm, Hm, nq, 2], order [Bm, Hm, nq, nk])`` int32: full
-    tiles first, then partial ones; the tile holding the ragged end of the
-    keys always counts as partial so the kernel applies the bound there.
+    A user ``block_mask`` must use tiles of ``(block_q, block_kv)``, or of
+    ``(k * block_q, block_kv)`` (each finer tile inherits its parent's class,
+    which is exact for empty and full tiles).
     """
-    nk = -(-dims.S // block_kv)
     classes = None
     if mask_fn is not None:
         dep_b, dep_h = _depends_on(mask_fn, dims.B, dims.H)
@@ -122,15 +122,28 @@ def tile_lists(mask_fn, block_mask, dims, q_offset, block_q: int, block_kv: int)
         )  # fmt: skip
         classes = bm.block_classes
     if block_mask is not None:
-        if block_mask.block_size != (block_q, block_kv):
+        ubq, ubkv = block_mask.block_size
+        if ubkv != block_kv or ubq % block_q:
             raise ValueError(
                 f"`block_mask` has block_size {block_mask.block_size}; this kernel's tiles are "
-                f"({block_q}, {block_kv}): build it with create_block_mask(..., block_size=({block_q}, {block_kv}))."
+                f"({2 * block_q if ubq < block_q else block_q}, {block_kv}): build it with "
+                f"create_block_mask(..., block_size=(128, {block_kv}))."
             )
-        other = block_mask.block_classes
+        other = jnp.repeat(block_mask.block_classes, ubq // block_q, axis=2)[:, :, : -(-dims.T // block_q)]
         classes = other if classes is None else jnp.minimum(classes, other)
-    if dims.S % block_kv:
-        classes = classes.at[..., nk - 1].set(jnp.where(classes[..., nk - 1] == FULL, PARTIAL, classes[..., nk - 1]))
+    return classes
+
+
+def lists_from_classes(classes, ragged_last: bool):
+    """Per row of tiles: ``counts [..., 2]`` (full, visited) and the visiting order.
+
+    Full tiles come first, then partial ones; empty tiles are never visited.
+    With ``ragged_last`` the last column holds the ragged end of the sequence
+    and always counts as partial, so the kernel applies the bound there.
+    """
+    if ragged_last:
+        last = classes[..., -1]
+        classes = classes.at[..., -1].set(jnp.where(last == FULL, PARTIAL, last))
     rank = jnp.where(classes == FULL, 0, jnp.where(classes == PARTIAL, 1, 2))
     order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
     n_full = jnp.sum(classes == FULL, axis=-1, dtype=jnp.int32)
@@ -144,26 +157,35 @@ class _Static:
     config: PallasFlashConfig
     interpret: bool
     dims: object
+    q_offset: int | None  # the static q_offset when it is a Python int (cheaper tile classes)
 
 
-def _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st: _Static):
-    d = st.dims
-    cfg = st.config
+def _class_offset(q_offset, st: _Static):
+    return q_offset if st.q_offset is None else st.q_offset
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """Everything the forward and backward kernels share for one call."""
+
+    parts: tuple
+    mask_fn: object
+    has_transform: bool
+    sparse: bool
+    Tp: int
+    Sp: int
+    q_off: object
+    operands: list
+    build_mods: object
+    pad: object  # pads (x, seq_len, head_dim) along axes 2 and 3
+
+
+def _prepare(q_offset, score_mod, mask_mod, block_mask, st: _Static) -> _Prepared:
+    d, cfg = st.dims, st.config
     bq_cta = 2 * cfg.block_q
     parts = _mask_parts(score_mod, mask_mod, block_mask)
     mask_fn = _combine_masks(parts)
     has_transform = score_mod is not None and score_mod.has_transform
-    mask_tail = d.S % cfg.block_kv != 0
-    sparse = mask_fn is not None or block_mask is not None
-    lists = tile_lists(mask_fn, block_mask, d, q_offset, bq_cta, cfg.block_kv) if sparse else None
-
-    Tp, Sp = _round_up(d.T, bq_cta), _round_up(d.S, cfg.block_kv)
-    Dp, Dvp = _round_up(d.D, 64), _round_up(d.Dv, 64)
-    qp = _pad_axis(_pad_axis(q, 2, Tp), 3, Dp)
-    kp = _pad_axis(_pad_axis(k, 2, Sp), 3, Dp)
-    vp = _pad_axis(_pad_axis(v, 2, Sp), 3, Dvp)
-    q_off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (d.B,))
-
     mods = (score_mod if has_transform else None, parts)
     operands, build = common.flatten_mods(mods, pad=max(bq_cta, cfg.block_kv))
 
@@ -171,14 +193,123 @@ def _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st: _Static):
         smod, kparts = build(refs, ctx_getter)
         return (smod.transform if smod is not None else None), _combine_masks(kparts)
 
+    def pad(x, n, dim):
+        return _pad_axis(_pad_axis(x, 2, n), 3, _round_up(dim, 64))
+
+    return _Prepared(
+        parts=parts, mask_fn=mask_fn, has_transform=has_transform,
+        sparse=mask_fn is not None or block_mask is not None,
+        Tp=_round_up(d.T, bq_cta), Sp=_round_up(d.S, cfg.block_kv),
+        q_off=jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (d.B,)),
+        operands=operands, build_mods=build_mods, pad=pad,
+    )  # fmt: skip
+
+
+def _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st: _Static):
+    d, cfg = st.dims, st.config
+    pr = _prepare(q_offset, score_mod, mask_mod, block_mask, st)
+    lists = None
+    if pr.sparse:
+        classes = tile_classes(pr.mask_fn, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv)
+        lists = lists_from_classes(classes, d.S % cfg.block_kv != 0)
     fst = sm90.FwdStatic(
         block_q=cfg.block_q, block_kv=cfg.block_kv, num_stages=cfg.num_stages, scale=st.scale, T=d.T, S=d.S,
-        group=d.group, has_transform=has_transform, has_mask=mask_fn is not None, sparse=sparse,
-        mask_tail=mask_tail, interpret=st.interpret,
+        group=d.group, has_transform=pr.has_transform, has_mask=pr.mask_fn is not None, sparse=pr.sparse,
+        mask_tail=d.S % cfg.block_kv != 0, interpret=st.interpret,
     )  # fmt: skip
     interpret = common.interpret_params() if st.interpret else None
-    out, lse = sm90.forward_kernel_call(qp, kp, vp, q_off, lists, operands, build_mods, fst, interpret)
+    out, lse = sm90.forward_kernel_call(
+        pr.pad(q, pr.Tp, d.D), pr.pad(k, pr.Sp, d.D), pr.pad(v, pr.Sp, d.Dv), pr.q_off, lists, pr.operands,
+        pr.build_mods, fst, interpret,
+    )  # fmt: skip
     return out[:, :, : d.T, : d.Dv], lse[:, :, : d.T]
+
+
+# Backward tiles: dQ streams kv tiles of 128 keys past 2 x 64 query rows; dK/dV
+# streams query tiles of 64 rows past 2 x 64 key rows (the forward's padding
+# to multiples of 128 serves both).
+_BWD_BLOCK_Q, _BWD_BLOCK_KV, _BWD_STAGES = 64, 64, 2
+
+
+def _backward(q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse, dout, dlse, st: _Static):
+    d, cfg = st.dims, st.config
+    if d.D > 128 or d.Dv > 128:
+        raise NotImplementedError(
+            f"the pallas_flash_attention backward supports head dims up to 128 for now; got D={d.D}, Dv={d.Dv}."
+        )
+    pr = _prepare(q_offset, score_mod, mask_mod, block_mask, st)
+    log2e = 1.4426950408889634
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    if dlse is not None:
+        delta = delta - dlse.astype(jnp.float32)
+    # exp2(s - inf) = 0: rows with nothing visible (and padding rows) get p = 0.
+    lse2 = jnp.where(jnp.isfinite(lse), lse * log2e, jnp.inf)
+    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, pr.Tp - d.T)), constant_values=jnp.inf)
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, pr.Tp - d.T)))
+    qp, dop = pr.pad(q, pr.Tp, d.D), pr.pad(dout.astype(q.dtype), pr.Tp, d.Dv)
+    kp, vp = pr.pad(k, pr.Sp, d.D), pr.pad(v, pr.Sp, d.Dv)
+    dq_lists = dkv_lists = None
+    if pr.sparse:
+        classes = tile_classes(pr.mask_fn, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv)
+        dq_lists = lists_from_classes(classes, d.S % cfg.block_kv != 0)
+        classes_t = tile_classes(pr.mask_fn, block_mask, d, _class_offset(q_offset, st), _BWD_BLOCK_Q, 2 * _BWD_BLOCK_KV)
+        dkv_lists = lists_from_classes(jnp.swapaxes(classes_t, 2, 3), False)
+    common_static = dict(
+        scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,
+        has_mask=pr.mask_fn is not None, sparse=pr.sparse, interpret=st.interpret, num_stages=_BWD_STAGES,
+    )  # fmt: skip
+    args = (qp, kp, vp, dop, lse2, delta, pr.q_off)
+    dq = sm90_bwd.dq_kernel_call(
+        *args, dq_lists, pr.operands, pr.build_mods,
+        sm90_bwd.BwdStatic(block_q=cfg.block_q, block_kv=cfg.block_kv, **common_static),
+    )  # fmt: skip
+    dk, dv = sm90_bwd.dkv_kernel_call(
+        *args, dkv_lists, pr.operands, pr.build_mods,
+        sm90_bwd.BwdStatic(block_q=_BWD_BLOCK_Q, block_kv=_BWD_BLOCK_KV, **common_static),
+    )  # fmt: skip
+    return dq[:, :, : d.T, : d.D], dk[:, :, : d.S, : d.D], dv[:, :, : d.S, : d.Dv]
+
+
+def _value(x):
+    return x.value if isinstance(x, jax.custom_derivatives.CustomVJPPrimal) else x
+
+
+def _perturbed(x) -> bool:
+    return any(getattr(leaf, "perturbed", False) for leaf in jax.tree_util.tree_leaves(
+        x, is_leaf=lambda y: isinstance(y, jax.custom_derivatives.CustomVJPPrimal)))  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, q_offset, score_mod, mask_mod, block_mask, st):
+    return _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st)
+
+
+def _attention_fwd(q, k, v, q_offset, score_mod, mask_mod, block_mask, st):
+    if _perturbed((score_mod, mask_mod, block_mask)):
+        raise NotImplementedError(
+            "pallas_flash_attention does not differentiate with respect to the array leaves of its mods yet "
+            "(a learnable bias or ALiBi slopes); use memory_efficient_attention for those gradients."
+        )
+    q, k, v, q_offset = map(_value, (q, k, v, q_offset))
+    score_mod, mask_mod, block_mask = jax.tree_util.tree_map(
+        _value, (score_mod, mask_mod, block_mask), is_leaf=lambda y: isinstance(y, jax.custom_derivatives.CustomVJPPrimal)
+    )
+    out, lse = _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st)
+    return (out, lse), (q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse)
+
+
+def _attention_bwd(st, res, cts):
+    q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse = res
+    dout, dlse = cts
+    if isinstance(dout, jax.custom_derivatives.SymbolicZero):
+        dout = jnp.zeros(out.shape, out.dtype)
+    if isinstance(dlse, jax.custom_derivatives.SymbolicZero):
+        dlse = None
+    dq, dk, dv = _backward(q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse, dout, dlse, st)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
 def pallas_flash_attention(
@@ -258,8 +389,12 @@ def pallas_flash_attention(
         raise TypeError(f"`block_sizes` must be a PallasFlashConfig; got {type(config).__name__}.")
     if d.D > 256 or d.Dv > 256:
         raise NotImplementedError(f"head dims above 256 are not supported; got D={d.D}, Dv={d.Dv}.")
-    st = _Static(scale=args.scale, config=config, interpret=bool(interpret), dims=d)
+    st = _Static(
+        scale=args.scale, config=config, interpret=bool(interpret), dims=d,
+        q_offset=args.q_offset if isinstance(args.q_offset, int) else None,
+    )  # fmt: skip
     smod = None if score_mod is None else _as_score_mod(score_mod)
     mmod = None if mask_mod is None else _as_mask_mod(mask_mod)
-    out, lse = _forward(query, key, value, args.q_offset, smod, mmod, block_mask, st)
+    q_offset = jnp.broadcast_to(jnp.asarray(args.q_offset, jnp.int32), (d.B,))
+    out, lse = _attention(query, key, value, q_offset, smod, mmod, block_mask, st)
     return (out, lse) if return_lse else out

@@ -169,6 +169,32 @@ class TileOperand:
         return low.cast(lax.broadcast_in_dim(v, ctx.shape, [axis]), WGMMA)
 
 
+def wait_slot_free(free_barriers, step, stages: int):
+    """Producer side of a ``stages``-deep ring: before refilling a slot, wait
+    until every consumer released the tile it held ``stages`` steps ago."""
+
+    @pl.when(step >= stages)
+    def _():
+        slot = lax.rem(step, jnp.int32(stages))
+        for bar in free_barriers:
+            plgpu.barrier_wait(bar.at[slot])
+
+
+def drain_ring(free_barriers, n_steps, stages: int):
+    """Observes the releases of the last ``stages`` steps of a producer loop.
+
+    On hardware this is a short wait at the end of the producer warpgroup; GPU
+    interpret mode requires every completed barrier phase to be observed by a
+    thread that waits on that barrier at all.
+    """
+
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _(step):
+        slot = lax.rem(step, jnp.int32(stages))
+        for bar in free_barriers:
+            plgpu.barrier_wait(bar.at[slot])
+
+
 def flatten_mods(mods, pad: int):
     """Splits mod pytrees into kernel operands and a builder for the kernel side.
 

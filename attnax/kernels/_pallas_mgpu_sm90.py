@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from attnax.kernels._pallas_mgpu_common import WGMMA, WGMMA_ROW, Lowering, TileContext
+from attnax.kernels._pallas_mgpu_common import WGMMA, WGMMA_ROW, Lowering, TileContext, drain_ring, wait_slot_free
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -212,23 +212,17 @@ def forward_kernel_call(
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            def fetch(step, slot):
+            @pl.loop(0, n_total)
+            def _(step):
+                # Read the tile index before waiting: its load latency hides
+                # behind the wait instead of delaying the copy.
                 rows = pl.ds(kv_block(step) * bkv, bkv)
+                slot = lax.rem(step, jnp.int32(stages))
+                wait_slot_free((k_free, v_free), step, stages)
                 plgpu.copy_gmem_to_smem(k_ref.at[b, hk, rows], k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, hk, rows], v_smem.at[slot], v_bar.at[slot])
 
-            for i in range(stages):
-
-                @pl.when(i < n_total)
-                def _():
-                    fetch(jnp.int32(i), i)
-
-            @pl.loop(stages, jnp.maximum(n_total, stages))
-            def _(step):
-                slot = lax.rem(step, jnp.int32(stages))
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                fetch(step, slot)
+            drain_ring((k_free, v_free), n_total, stages)
 
     def entry(*refs):
         tiling = plgpu.TilingTransform((8, 64))

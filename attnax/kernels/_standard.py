@@ -39,9 +39,8 @@ def standard_attention(
         query: ``[B, H, T, D]``.
         key: ``[B, Hk, S, D]``.
         value: ``[B, Hk, S, Dv]``.
-        score_mod, mask_mod, mask, block_mask, scale, q_offset, dropout_rate,
-            dropout_rng, deterministic, return_lse: see
-            :class:`attnax.typing.AttentionFn`.
+        score_mod, mask_mod, mask, block_mask, scale, q_offset, dropout_rate, dropout_rng, deterministic, return_lse:
+            see :class:`attnax.typing.AttentionFn`.
         **kernel_options: none are accepted.
 
     Returns:

@@ -1,0 +1,368 @@
+"""Hopper (sm90) backward kernels: dQ and dK/dV, warp-specialised, deterministic.
+
+Both kernels recompute score tiles from Q, K and the forward's log-sum-exp,
+apply the score mod (and its VJP) on register tiles, skip empty tiles from
+the block lists, and write each gradient tile once (no atomics):
+
+* dQ: a CTA owns ``2 * block_q`` query rows of one head (two compute
+  warpgroups); K/V tiles stream through a shared-memory ring, like the forward.
+* dK/dV: a CTA owns ``2 * block_kv`` key rows of one kv head and loops over
+  the query heads of its GQA group and their query tiles; Q, dO, LSE and
+  delta tiles stream through the ring. Transposed tiles (keys x queries) keep
+  the per-key accumulators in registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from attnax.kernels._pallas_mgpu_common import (
+    WGMMA,
+    WGMMA_COL,
+    WGMMA_ROW,
+    Lowering,
+    TileContext,
+    drain_ring,
+    wait_slot_free,
+)
+
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdStatic:
+    """Static description of one backward launch."""
+
+    block_q: int  # dQ: rows per compute warpgroup; dK/dV: query rows per streamed tile
+    block_kv: int  # dQ: keys per streamed tile; dK/dV: key rows per compute warpgroup
+    num_stages: int
+    scale: float
+    T: int
+    S: int
+    group: int
+    has_transform: bool
+    has_mask: bool
+    sparse: bool
+    interpret: bool
+
+
+def _tile_scores(low, s, transform, mask_fn, masked, b, h, q_idx, kv_idx, ctx_box, ctx):
+    """Score-mod transform (with its VJP) and masking of one recomputed tile."""
+    ctx_box[0] = ctx
+    vjp = None
+    if transform is not None:
+        s, vjp = jax.vjp(lambda x: transform(x, b, h, q_idx, kv_idx).astype(jnp.float32), s)
+    if masked and mask_fn is not None:
+        s = jnp.where(mask_fn(b, h, q_idx, kv_idx), s, -jnp.inf)
+    return s, vjp
+
+
+def dq_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, build_mods: Callable, st: BwdStatic):
+    """dQ. ``lse2`` is the LSE in base 2 (``+inf`` on rows with nothing visible).
+
+    Shapes as in the forward (``Tp`` a multiple of ``2 * block_q``, ``Sp`` of
+    ``block_kv``); ``lists`` are the forward's tile lists. Returns ``dq``
+    ``[B, H, Tp, D]`` in the input dtype, already multiplied by ``scale``.
+    """
+    B, H, Tp, D = q.shape
+    _, Hk, Sp, Dv = v.shape
+    bq, bkv, stages = st.block_q, st.block_kv, st.num_stages
+    nq, nk = Tp // (2 * bq), Sp // bkv
+    dtype = q.dtype
+    n_ops = len(mod_operands)
+    lists = () if lists is None else lists
+    low = Lowering(st.interpret)
+
+    def kernel(*refs):
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qoff_ref = refs[:7]
+        n_in = 7 + len(lists) + n_ops
+        list_refs = refs[7 : 7 + len(lists)]
+        op_refs = refs[7 + len(lists) : n_in]
+        dq_ref = refs[n_in]
+        (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem), row_bars, (k_bar, v_bar), (k_free, v_free) = refs[
+            n_in + 1 :
+        ]
+        b = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        qi = nq - 1 - lax.axis_index("q_seq")
+        wg = lax.axis_index("wg")
+        hk = lax.div(h, jnp.array(st.group, h.dtype))
+        if st.sparse:
+            counts_ref, order_ref = list_refs
+            bb = b if counts_ref.shape[0] > 1 else 0
+            hh = h if counts_ref.shape[1] > 1 else 0
+            n_full = counts_ref[bb, hh, qi, 0]
+            n_total = counts_ref[bb, hh, qi, 1]
+
+            def kv_block(step):
+                return order_ref[bb, hh, qi, step]
+        else:
+            n_full = n_total = jnp.int32(nk)
+
+            def kv_block(step):
+                return step
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            row0 = qi * (2 * bq) + wg * bq
+            q_start = qoff_ref[b] + row0
+            rows = pl.ds(row0, bq)
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            srcs = (q_ref.at[b, h, rows], do_ref.at[b, h, rows], lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])
+            dsts = (q_smem, do_smem, lse_smem2.at[wg], delta_smem2.at[wg])
+            for src, dst, bar in zip(srcs, dsts, row_bars):
+                plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
+            for bar in row_bars:
+                plgpu.barrier_wait(bar.at[wg])
+            lse_row = low.load(lse_smem2.at[wg], WGMMA_ROW)
+            delta_row = low.load(delta_smem2.at[wg], WGMMA_ROW)
+            ctx_box = [None]
+            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
+            dq = low.cast(jnp.zeros((bq, D), jnp.float32), WGMMA)
+
+            def step_body(step, dq, masked: bool):
+                slot = lax.rem(step, jnp.int32(stages))
+                kv_start = kv_block(step) * bkv
+                plgpu.barrier_wait(k_bar.at[slot])
+                s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv)) * st.scale
+                q_idx = q_start + low.iota((bq, bkv), 0)
+                kv_idx = kv_start + low.iota((bq, bkv), 1)
+                ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
+                s, vjp = _tile_scores(low, s, transform, mask_fn, masked, b, h, q_idx, kv_idx, ctx_box, ctx)
+                if masked:
+                    s = jnp.where(kv_idx < st.S, s, -jnp.inf)
+                p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
+                plgpu.barrier_wait(v_bar.at[slot])
+                dp = low.matmul_nt(do_smem, v_smem.at[slot], (bq, bkv))
+                plgpu.barrier_arrive(v_free.at[slot])
+                ds = p * (dp - lax.broadcast_in_dim(delta_row, dp.shape, [0]))
+                if vjp is not None:
+                    (ds,) = vjp(ds)
+                dq = dq + low.matmul_nn(ds.astype(dtype), k_smem.at[slot], (bq, D))
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            if st.sparse:
+                dq = lax.fori_loop(0, n_full, lambda i, c: step_body(i, c, False), dq)
+                dq = lax.fori_loop(n_full, n_total, lambda i, c: step_body(i, c, True), dq)
+            else:
+                dq = lax.fori_loop(0, n_total - 1, lambda i, c: step_body(i, c, False), dq)
+                dq = step_body(n_total - 1, dq, st.S % bkv != 0)
+            q_smem[...] = (dq * st.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, h, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, n_total)
+            def _(step):
+                rows = pl.ds(kv_block(step) * bkv, bkv)
+                slot = lax.rem(step, jnp.int32(stages))
+                wait_slot_free((k_free, v_free), step, stages)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, hk, rows], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, hk, rows], v_smem.at[slot], v_bar.at[slot])
+
+            drain_ring((k_free, v_free), n_total, stages)
+
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    tiled = dict(transforms=(tiling, swizzle))
+    scratch = [
+        (
+            plgpu.SMEM((2, bq, D), dtype, **tiled),
+            plgpu.SMEM((2, bq, Dv), dtype, **tiled),
+            plgpu.SMEM((2, bq), jnp.float32),
+            plgpu.SMEM((2, bq), jnp.float32),
+            plgpu.SMEM((stages, bkv, D), dtype, **tiled),
+            plgpu.SMEM((stages, bkv, Dv), dtype, **tiled),
+        ),
+        (plgpu.Barrier(num_barriers=2),) * 4,
+        (plgpu.Barrier(num_barriers=stages),) * 2,
+        (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+    ]
+    kwargs = {} if not st.interpret else {"interpret": _interpret()}
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((B, H, Tp, D), dtype),
+        scratch_types=scratch,
+        grid=(H, nq, B),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kwargs,
+    )(q, k, v, do, lse2, delta, q_offset, *lists, *mod_operands)
+
+
+def dkv_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, build_mods: Callable, st: BwdStatic):
+    """dK and dV, summed over each kv head's query heads.
+
+    ``lists``: ``(counts [Bm, Hm, nkt, 2], order [Bm, Hm, nkt, nqt])`` per kv
+    tile of ``2 * block_kv`` rows, over query tiles of ``block_q`` rows (the
+    transposed view). Returns ``dk`` (times ``scale``) and ``dv``, ``[B, Hk, Sp, ·]``.
+    """
+    B, H, Tp, D = q.shape
+    _, Hk, Sp, Dv = v.shape
+    bq, bkv, stages = st.block_q, st.block_kv, st.num_stages
+    nkt, nqt = Sp // (2 * bkv), Tp // bq
+    G = st.group
+    dtype = q.dtype
+    n_ops = len(mod_operands)
+    lists = () if lists is None else lists
+    low = Lowering(st.interpret)
+
+    def kernel(*refs):
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qoff_ref = refs[:7]
+        n_in = 7 + len(lists) + n_ops
+        list_refs = refs[7 : 7 + len(lists)]
+        op_refs = refs[7 + len(lists) : n_in]
+        dk_ref, dv_ref = refs[n_in : n_in + 2]
+        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), kv_bars, ready, free = refs[n_in + 2 :]
+        b = lax.axis_index("batch")
+        hk = lax.axis_index("heads")
+        kt = nkt - 1 - lax.axis_index("kv_seq")
+        wg = lax.axis_index("wg")
+
+        def head_lists(g):
+            h = hk * G + g
+            if not st.sparse:
+                return h, jnp.int32(nqt), jnp.int32(nqt), (lambda j: j)
+            counts_ref, order_ref = list_refs
+            bb = b if counts_ref.shape[0] > 1 else 0
+            hh = h if counts_ref.shape[1] > 1 else 0
+            return (
+                h,
+                counts_ref[bb, hh, kt, 0],
+                counts_ref[bb, hh, kt, 1],
+                lambda j: order_ref[bb, hh, kt, j],
+            )
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            row0 = kt * (2 * bkv) + wg * bkv
+            rows = pl.ds(row0, bkv)
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            plgpu.copy_gmem_to_smem(k_ref.at[b, hk, rows], k_smem, kv_bars[0].at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, hk, rows], v_smem, kv_bars[1].at[wg])
+            plgpu.barrier_wait(kv_bars[0].at[wg])
+            plgpu.barrier_wait(kv_bars[1].at[wg])
+            ctx_box = [None]
+            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
+            zeros = lambda n: low.cast(jnp.zeros((bkv, n), jnp.float32), WGMMA)  # noqa: E731
+
+            def step_body(h, j_tile, t, carry, masked: bool):
+                dk, dv = carry
+                slot = lax.rem(t, jnp.int32(stages))
+                q_row0 = j_tile * bq
+                q_start = qoff_ref[b] + q_row0
+                for bar in ready:
+                    plgpu.barrier_wait(bar.at[slot])
+                s = low.matmul_nt(k_smem, q_smem.at[slot], (bkv, bq)) * st.scale  # keys x queries
+                kv_idx = row0 + low.iota((bkv, bq), 0)
+                q_idx = q_start + low.iota((bkv, bq), 1)
+                ctx = TileContext(q_idx, kv_idx, q_start, row0, (bkv, bq), low, q_axis=1)
+                s, vjp = _tile_scores(low, s, transform, mask_fn, masked, b, h, q_idx, kv_idx, ctx_box, ctx)
+                lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
+                delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
+                p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
+                dv = dv + low.matmul_nn(p.astype(dtype), do_smem.at[slot], (bkv, Dv))
+                dp = low.matmul_nt(v_smem, do_smem.at[slot], (bkv, bq))
+                ds = p * (dp - lax.broadcast_in_dim(delta_col, dp.shape, [1]))
+                if vjp is not None:
+                    (ds,) = vjp(ds)
+                dk = dk + low.matmul_nn(ds.astype(dtype), q_smem.at[slot], (bkv, D))
+                plgpu.barrier_arrive(free.at[slot])
+                return dk, dv
+
+            def per_head(g, carry):
+                t, dk, dv = carry
+                h, n_full, n_total, q_tile = head_lists(g)
+
+                def run(lo, hi, masked, carry):
+                    def body(j, c):
+                        t, dk, dv = c
+                        dk, dv = step_body(h, q_tile(j), t, (dk, dv), masked)
+                        return t + 1, dk, dv
+
+                    return lax.fori_loop(lo, hi, body, carry)
+
+                carry = run(0, n_full, False, (t, dk, dv))
+                return run(n_full, n_total, st.sparse, carry)
+
+            _, dk, dv = lax.fori_loop(0, G, per_head, (jnp.int32(0), zeros(D), zeros(Dv)))
+            k_smem[...] = (dk * st.scale).astype(dtype)
+            v_smem[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, hk, rows])
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, hk, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def per_head(g, t):
+                h, _, n_total, q_tile = head_lists(g)
+
+                def body(j, t):
+                    rows = pl.ds(q_tile(j) * bq, bq)
+                    slot = lax.rem(t, jnp.int32(stages))
+                    wait_slot_free((free,), t, stages)
+                    srcs = (q_ref.at[b, h, rows], do_ref.at[b, h, rows], lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])
+                    for src, dst, bar in zip(srcs, (q_smem, do_smem, lse_smem, delta_smem), ready):
+                        plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
+                    return t + 1
+
+                return lax.fori_loop(0, n_total, body, t)
+
+            t_end = lax.fori_loop(0, G, per_head, jnp.int32(0))
+            drain_ring((free,), t_end, stages)
+
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    tiled = dict(transforms=(tiling, swizzle))
+    scratch = [
+        (
+            plgpu.SMEM((2, bkv, D), dtype, **tiled),
+            plgpu.SMEM((2, bkv, Dv), dtype, **tiled),
+            plgpu.SMEM((stages, bq, D), dtype, **tiled),
+            plgpu.SMEM((stages, bq, Dv), dtype, **tiled),
+            plgpu.SMEM((stages, bq), jnp.float32),
+            plgpu.SMEM((stages, bq), jnp.float32),
+        ),
+        (plgpu.Barrier(num_barriers=2),) * 2,
+        (plgpu.Barrier(num_barriers=stages),) * 4,
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+    ]
+    kwargs = {} if not st.interpret else {"interpret": _interpret()}
+    return plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((B, Hk, Sp, D), dtype), jax.ShapeDtypeStruct((B, Hk, Sp, Dv), dtype)),
+        scratch_types=scratch,
+        grid=(Hk, nkt, B),
+        grid_names=("heads", "kv_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kwargs,
+    )(q, k, v, do, lse2, delta, q_offset, *lists, *mod_operands)
+
+
+def _interpret() -> Any:
+    from attnax.kernels._pallas_mgpu_common import interpret_params
+
+    return interpret_params()
