@@ -501,3 +501,208 @@ def check_ring_local_len(name: str, length: int, layout: str) -> None:
             f"with layout='zigzag' the local {name} length must be even (two chunks per device); got {length}. "
             "Pad the global sequence to a multiple of 2 * num_devices, or use layout='contiguous'."
         )
+
+
+# --- attnax.cache and paged attention ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedDims:
+    """Static sizes of one paged attention call."""
+
+    B: int
+    H: int
+    Hk: int
+    T: int
+    D: int
+    Dv: int
+    num_pages: int
+    page_size: int
+    max_pages: int  # block table columns: pages one sequence can hold
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head."""
+        return self.H // self.Hk
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one sequence can hold: ``max_pages * page_size``."""
+        return self.max_pages * self.page_size
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_int_array(name: str, x, rank: int, what: str):
+    shape = _shape_of(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"`{name}` must be an integer array {what}; got dtype {x.dtype}.")
+    if len(shape) != rank:
+        raise ValueError(f"`{name}` must have rank {rank} {what}; got shape {shape}.")
+    return shape
+
+
+def check_paged_args(query, k_pages, v_pages, block_tables, lengths, *, score_mod=None, mask_mod=None, scale=None):
+    """Shapes and dtypes of :func:`attnax.kernels.paged_attention`; returns ``(PagedDims, scale)``."""
+    q = _shape_of("query", query)
+    kp = _shape_of("k_pages", k_pages)
+    vp = _shape_of("v_pages", v_pages)
+    if len(q) != 4:
+        raise ValueError(f"`query` must have rank 4 [batch, num_heads, num_new_tokens, head_dim]; got shape {q}.")
+    for name, s in (("k_pages", kp), ("v_pages", vp)):
+        if len(s) != 4:
+            raise ValueError(f"`{name}` must have rank 4 [num_pages, page_size, num_kv_heads, head_dim]; got shape {s}.")
+    dtypes = [jnp.dtype(x.dtype) for x in (query, k_pages, v_pages)]
+    for name, d in zip(("query", "k_pages", "v_pages"), dtypes):
+        if d not in [jnp.dtype(t) for t in _FLOAT_DTYPES]:
+            raise TypeError(f"`{name}` must be bfloat16, float16, float32 or float64; got {d}.")
+    if not dtypes[0] == dtypes[1] == dtypes[2]:
+        raise TypeError(
+            f"`query`, `k_pages` and `v_pages` must share one dtype; got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}. "
+            "Cast the query to the cache dtype, e.g. query.astype(k_pages.dtype)."
+        )
+    B, H, T, D = q
+    N, ps, Hk, Dk = kp
+    if vp[:3] != (N, ps, Hk):
+        raise ValueError(
+            f"`k_pages` and `v_pages` must share [num_pages, page_size, num_kv_heads]; got {kp} and {vp}."
+        )
+    if D != Dk:
+        raise ValueError(f"`query` and `k_pages` must share head_dim; got {D} and {Dk}.")
+    if min(B, H, T, D, N, ps, Hk, vp[3]) < 1:
+        raise ValueError(f"paged attention needs non-empty inputs; got query {q}, k_pages {kp}, v_pages {vp}.")
+    if H % Hk:
+        raise ValueError(
+            f"`num_heads` ({H}) must be a multiple of `num_kv_heads` ({Hk}) for grouped-query attention: "
+            f"query head h reads kv head h // (num_heads // num_kv_heads)."
+        )
+    bt = _check_int_array("block_tables", block_tables, 2, "[batch, max_pages_per_seq]")
+    ln = _check_int_array("lengths", lengths, 1, "[batch]")
+    if bt[0] != B or ln[0] != B:
+        raise ValueError(
+            f"`block_tables` {bt} and `lengths` {ln} must have one row per batch entry of `query` ({B})."
+        )
+    dims = PagedDims(B=B, H=H, Hk=Hk, T=T, D=D, Dv=vp[3], num_pages=N, page_size=ps, max_pages=bt[1])
+    if T > dims.capacity:
+        raise ValueError(
+            f"the block table is too small: {T} new tokens need positions in a sequence, but `block_tables` has "
+            f"{bt[1]} columns of page_size {ps} ({dims.capacity} tokens). Give it at least {-(-T // ps)} columns."
+        )
+    check_callable("score_mod", score_mod, "fn(score, b, h, q_idx, kv_idx)")
+    check_callable("mask_mod", mask_mod, "fn(b, h, q_idx, kv_idx) -> bool")
+    return dims, check_scale(scale, D)
+
+
+def check_paged_values(block_tables, lengths, dims: PagedDims) -> None:
+    """Eager calls (concrete arrays): lengths fit the block table, and every page in use exists.
+
+    Under ``jit`` the values are unknown at trace time; kernels then return NaN
+    for rows that fail these checks instead.
+    """
+    if not (_is_concrete(lengths) and _is_concrete(block_tables)):
+        return
+    lengths = np.asarray(lengths)
+    bad = np.flatnonzero((lengths < 0) | (lengths > dims.capacity))
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(
+            f"`lengths[{b}]` = {int(lengths[b])} is out of range: a sequence holds 0 to max_pages_per_seq * "
+            f"page_size = {dims.max_pages} * {dims.page_size} = {dims.capacity} tokens. Give `block_tables` more "
+            f"columns (more pages per sequence), or check that lengths count the tokens actually written."
+        )
+    table = np.asarray(block_tables)
+    used = -(-lengths // dims.page_size)
+    in_use = np.arange(dims.max_pages)[None, :] < used[:, None]
+    wrong = in_use & ((table < 0) | (table >= dims.num_pages))
+    if wrong.any():
+        b, j = (int(i) for i in np.argwhere(wrong)[0])
+        raise ValueError(
+            f"`block_tables[{b}, {j}]` = {int(table[b, j])} is not a page: row {b} holds {int(lengths[b])} tokens, "
+            f"so its first {int(used[b])} entries must be page indices in [0, {dims.num_pages}). Allocate the "
+            f"pages before attending (attnax.cache.PagedKVCache.append does)."
+        )
+
+
+def check_paged_implementation(implementation, interpret) -> str:
+    """``implementation``: None, ``'pallas'`` or ``'xla'``; resolves None by platform."""
+    if implementation not in (None, "pallas", "xla"):
+        raise ValueError(f"`implementation` must be None, 'pallas' or 'xla'; got {implementation!r}.")
+    if not isinstance(interpret, bool):
+        raise TypeError(f"`interpret` must be a bool; got {type(interpret).__name__}.")
+    if implementation is None:
+        implementation = "pallas" if (interpret or jax.default_backend() == "gpu") else "xla"
+    if interpret and implementation != "pallas":
+        raise ValueError("`interpret=True` runs the Pallas kernel on CPU: it goes with implementation='pallas' (or None).")
+    return implementation
+
+
+def check_cache_create(*, batch_size, max_length=None, num_kv_heads, head_dim, value_head_dim=None,
+                       num_pages=None, page_size=None, max_pages_per_seq=None) -> None:  # fmt: skip
+    """Sizes given to ``KVCache.create`` / ``PagedKVCache.create``: positive ints."""
+    for name, v in (
+        ("batch_size", batch_size), ("max_length", max_length), ("num_kv_heads", num_kv_heads),
+        ("head_dim", head_dim), ("value_head_dim", value_head_dim), ("num_pages", num_pages),
+        ("page_size", page_size), ("max_pages_per_seq", max_pages_per_seq),
+    ):  # fmt: skip
+        if v is not None and not _is_pos_int(v):
+            raise ValueError(f"`{name}` must be a positive int; got {v!r}.")
+
+
+def check_kv_append(key, value, *, batch: int, num_kv_heads: int, head_dim: int, value_head_dim: int, num_new=None):
+    """New tokens ``[B, T, Hk, D]`` / ``[B, T, Hk, Dv]`` for a cache of these sizes; returns ``T``."""
+    for name, x, d in (("key", key, head_dim), ("value", value, value_head_dim)):
+        shape = _shape_of(name, x)
+        if len(shape) != 4 or shape[0] != batch or shape[2] != num_kv_heads or shape[3] != d:
+            raise ValueError(
+                f"the new `{name}` must have shape [batch, num_new_tokens, num_kv_heads, head_dim] = "
+                f"[{batch}, T, {num_kv_heads}, {d}] to fit this cache; got {shape}."
+            )
+    if key.shape[1] != value.shape[1] or key.shape[1] < 1:
+        raise ValueError(f"`key` and `value` must hold the same number (>= 1) of new tokens; got {key.shape} and "
+                         f"{value.shape}.")
+    if num_new is not None:
+        shape = _check_int_array("num_new", num_new, 1, "[batch]")
+        if shape[0] != batch:
+            raise ValueError(f"`num_new` must have shape [{batch}] (one count per row); got {shape}.")
+        if _is_concrete(num_new):
+            n = np.asarray(num_new)
+            if (n < 0).any() or (n > key.shape[1]).any():
+                raise ValueError(f"`num_new` entries must lie in [0, {key.shape[1]}] (the new tokens given); got "
+                                 f"{n.tolist()}.")
+    return key.shape[1]
+
+
+def check_cache_room(lengths, num_new, capacity: int, what: str) -> None:
+    """Eagerly: ``lengths + num_new`` fits ``capacity`` tokens per row (skipped under ``jit``)."""
+    if not (_is_concrete(lengths) and _is_concrete(num_new)):
+        return
+    total = np.asarray(lengths) + np.asarray(num_new)
+    bad = np.flatnonzero(total > capacity)
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(
+            f"cache overflow: row {b} holds {int(np.asarray(lengths)[b])} tokens and appending "
+            f"{int(np.broadcast_to(np.asarray(num_new), total.shape)[b])} more needs {int(total[b])}, but {what} "
+            f"holds {capacity}. Create the cache with more room."
+        )
+
+
+def check_pages_available(needed, num_free) -> None:
+    """Eagerly: the free list holds the pages an append needs (skipped under ``jit``)."""
+    if not (_is_concrete(needed) and _is_concrete(num_free)):
+        return
+    if int(needed) > int(num_free):
+        raise ValueError(
+            f"out of pages: this append needs {int(needed)} new pages but only {int(num_free)} are free. Release "
+            f"finished sequences (PagedKVCache.release) or create the cache with more num_pages."
+        )
+
+
+def check_release_rows(rows, batch: int):
+    """``rows``: a bool array ``[batch]`` (True = free that row's pages)."""
+    shape = _shape_of("rows", rows)
+    if jnp.dtype(rows.dtype) != jnp.dtype(bool) or shape != (batch,):
+        raise ValueError(f"`rows` must be a boolean array of shape [{batch}] (True = release); got dtype "
+                         f"{rows.dtype}, shape {shape}.")

@@ -4,6 +4,14 @@ from attnax.kernels import score_mods
 from attnax.kernels._dispatch import flash_attention
 from attnax.kernels._memory_efficient import MemoryEfficientConfig
 from attnax.kernels._memory_efficient import memory_efficient_attention
+from attnax.kernels._paged import PagedAttentionConfig
+from attnax.kernels._paged import paged_attention
+from attnax.kernels._ring import ring_attention
+from attnax.kernels._ring import ring_attention_reference
+from attnax.kernels._ring_layout import ring_block_counts
+from attnax.kernels._ring_layout import zigzag_permutation
+from attnax.kernels._ring_layout import zigzag_shard
+from attnax.kernels._ring_layout import zigzag_unshard
 from attnax.kernels._standard import standard_attention
 from attnax.score_mods import additive_bias_mod
 from attnax.score_mods import alibi_mod
@@ -21,6 +29,7 @@ from attnax.score_mods import softcap_mod
 
 __all__ = [
     "MemoryEfficientConfig",
+    "PagedAttentionConfig",
     "additive_bias_mod",
     "alibi_mod",
     "alibi_slopes",
@@ -33,9 +42,16 @@ __all__ = [
     "mask_mod_to_score_mod",
     "memory_efficient_attention",
     "or_masks",
+    "paged_attention",
     "prefix_lm_mod",
+    "ring_attention",
+    "ring_attention_reference",
+    "ring_block_counts",
     "score_mods",
     "sliding_window_mod",
     "softcap_mod",
     "standard_attention",
+    "zigzag_permutation",
+    "zigzag_shard",
+    "zigzag_unshard",
 ]

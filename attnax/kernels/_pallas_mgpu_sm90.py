@@ -138,12 +138,12 @@ def forward_kernel_call(
             def step_body(step, carry, masked: bool):
                 acc, m_i, l_i = carry
                 slot = lax.rem(step, jnp.int32(stages))
-                kv_start = kv_block(step) * bkv
-
                 s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv), during=sched_sync)
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = s * st.scale
                 if st.has_transform or masked:
+                    # The tile index is a global-memory load: read it only when used.
+                    kv_start = kv_block(step) * bkv
                     q_idx = q_start + low.iota((bq, bkv), 0)
                     kv_idx = kv_start + low.iota((bq, bkv), 1)
                     ctx_box[0] = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)

@@ -122,3 +122,34 @@ def cotangent_tree(tree, diff_grads):
     it = iter(diff_grads)
     out = [next(it) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact) else None for x in leaves]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def varying_axes(x) -> frozenset:
+    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside it)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # jax < 0.10 kept it on the aval
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", None)
+    return frozenset(vma or ())
+
+
+def match_vma(tree, *refs):
+    """Marks the leaves of ``tree`` as varying over every mesh axis a leaf of ``refs`` varies over.
+
+    Inside ``shard_map`` (``check_vma=True``) a loop carry initialised with
+    ``jnp.zeros`` is device-invariant while the values computed from sharded
+    inputs vary, and ``scan``/``cond`` demand equal types. Outside
+    ``shard_map`` this is the identity.
+    """
+    axes = frozenset().union(*(varying_axes(r) for r in jax.tree_util.tree_leaves(refs)))
+    if not axes:
+        return tree
+
+    def cast(x):
+        missing = tuple(a for a in sorted(axes, key=str) if a not in varying_axes(x))
+        if not missing:
+            return x
+        pcast = getattr(jax.lax, "pcast", None)
+        return pcast(x, missing, to="varying") if pcast is not None else jax.lax.pvary(x, missing)
+
+    return jax.tree_util.tree_map(cast, tree)
