@@ -134,21 +134,26 @@ def tile_classes(mask_fn, block_mask, dims, q_offset, block_q: int, block_kv: in
     return classes
 
 
-def lists_from_classes(classes, ragged_last: bool):
-    """Per row of tiles: ``counts [..., 2]`` (full, visited) and the visiting order.
+def kernel_tiles(classes, ragged_last: bool):
+    """What the kernels read: int32 tile classes and each row's non-empty range.
 
-    Full tiles come first, then partial ones; empty tiles are never visited.
-    With ``ragged_last`` the last column holds the ragged end of the sequence
-    and always counts as partial, so the kernel applies the bound there.
+    Returns ``(classes, bounds)``: classes ``[..., n]`` (0 empty, 1 partial,
+    2 full) and ``bounds [..., 2]``, the ``[lo, hi)`` range of non-empty tiles
+    (kernels loop over it and skip empty tiles inside). With ``ragged_last``
+    the last column holds the ragged end of the sequence and always counts as
+    partial, so the kernel applies the bound there. Only elementwise ops and
+    reductions: no sort, scan or scatter on the hot path.
     """
+    classes = classes.astype(jnp.int32)
     if ragged_last:
-        last = classes[..., -1]
-        classes = classes.at[..., -1].set(jnp.where(last == FULL, PARTIAL, last))
-    rank = jnp.where(classes == FULL, 0, jnp.where(classes == PARTIAL, 1, 2))
-    order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
-    n_full = jnp.sum(classes == FULL, axis=-1, dtype=jnp.int32)
-    n_total = jnp.sum(classes != EMPTY, axis=-1, dtype=jnp.int32)
-    return jnp.stack([n_full, n_total], axis=-1), order
+        last = classes[..., -1:]
+        classes = jnp.concatenate([classes[..., :-1], jnp.where(last == FULL, PARTIAL, last)], axis=-1)
+    n = classes.shape[-1]
+    idx = jnp.arange(n, dtype=jnp.int32).reshape((1,) * (classes.ndim - 1) + (n,))
+    nonempty = classes != EMPTY
+    lo = jnp.min(jnp.where(nonempty, idx, n), axis=-1)
+    hi = jnp.max(jnp.where(nonempty, idx + 1, 0), axis=-1)
+    return classes, jnp.stack([lo, jnp.maximum(hi, lo)], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +216,7 @@ def _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st: _Static):
     lists = None
     if pr.sparse:
         classes = tile_classes(pr.mask_fn, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv)
-        lists = lists_from_classes(classes, d.S % cfg.block_kv != 0)
+        lists = kernel_tiles(classes, d.S % cfg.block_kv != 0)
     fst = sm90.FwdStatic(
         block_q=cfg.block_q, block_kv=cfg.block_kv, num_stages=cfg.num_stages, scale=st.scale, T=d.T, S=d.S,
         group=d.group, has_transform=pr.has_transform, has_mask=pr.mask_fn is not None, sparse=pr.sparse,
@@ -251,9 +256,9 @@ def _backward(q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse, dout
     dq_lists = dkv_lists = None
     if pr.sparse:
         classes = tile_classes(pr.mask_fn, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv)
-        dq_lists = lists_from_classes(classes, d.S % cfg.block_kv != 0)
+        dq_lists = kernel_tiles(classes, d.S % cfg.block_kv != 0)
         classes_t = tile_classes(pr.mask_fn, block_mask, d, _class_offset(q_offset, st), _BWD_BLOCK_Q, 2 * _BWD_BLOCK_KV)
-        dkv_lists = lists_from_classes(jnp.swapaxes(classes_t, 2, 3), False)
+        dkv_lists = kernel_tiles(jnp.swapaxes(classes_t, 2, 3), False)
     common_static = dict(
         scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,
         has_mask=pr.mask_fn is not None, sparse=pr.sparse, interpret=st.interpret, num_stages=_BWD_STAGES,

@@ -104,7 +104,11 @@ class TileContext:
     """Where the current score tile sits: its position arrays and slices.
 
     ``q_axis`` is 0 for a ``[queries, keys]`` tile (forward, dQ) and 1 for a
-    transposed ``[keys, queries]`` tile (dK/dV).
+    transposed ``[keys, queries]`` tile (dK/dV). ``q_layout`` says where the
+    query rows sit: ``"contiguous"`` (row ``r`` at ``q_start + r``),
+    ``"uniform"`` (every row at ``q_start``: rows are heads of one decode
+    token) or ``"packed"`` (rows mix heads and tokens: array leaves cannot be
+    indexed by ``q_idx``).
     """
 
     q_idx: Any  # int32 tile of absolute query positions
@@ -114,6 +118,7 @@ class TileContext:
     shape: tuple[int, int]
     lowering: Lowering
     q_axis: int = 0
+    q_layout: str = "contiguous"
 
 
 class TileOperand:
@@ -138,7 +143,14 @@ class TileOperand:
         ref_idx, q_dim, kv_dim, kept = [], None, None, 0
         n_q, n_kv = (ctx.shape[0], ctx.shape[1]) if ctx.q_axis == 0 else (ctx.shape[1], ctx.shape[0])
         for i in idx:
-            if i is ctx.q_idx:
+            if i is ctx.q_idx and ctx.q_layout == "uniform":
+                ref_idx.append(ctx.q_start)
+            elif i is ctx.q_idx and ctx.q_layout == "packed":
+                raise NotImplementedError(
+                    "this kernel packs several query heads and tokens into the rows of one tile, so a mod cannot "
+                    "index an array leaf by q_idx here (paged attention with T > 1); use implementation='xla'."
+                )
+            elif i is ctx.q_idx:
                 ref_idx.append(pl.ds(ctx.q_start, n_q))
                 q_dim = kept
                 kept += 1
@@ -167,6 +179,63 @@ class TileOperand:
         axis = ctx.q_axis if q_dim is not None else 1 - ctx.q_axis
         v = low.load(self._ref.at[ref_idx], WGMMA_ROW if axis == 0 else WGMMA_COL)
         return low.cast(lax.broadcast_in_dim(v, ctx.shape, [axis]), WGMMA)
+
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+class TileWalk:
+    """The tiles one CTA visits along its row (or column) of the score matrix.
+
+    Sparse walks read int32 tile classes and ``[lo, hi)`` bounds prepared by
+    :func:`attnax.kernels._pallas.kernel_tiles`; dense walks visit every tile
+    and treat only a ragged last tile as partial. Producer and consumers walk
+    the same tiles in the same order, counting visits to pick ring slots.
+    """
+
+    def __init__(self, n_tiles: int, ragged_last: bool, classes_ref=None, bounds_ref=None, index=()):
+        self.sparse = classes_ref is not None
+        if self.sparse:
+            bb = tuple(i if n > 1 else 0 for i, n in zip(index[:2], classes_ref.shape[:2]))
+            self._row = (*bb, *index[2:])
+            self._classes = classes_ref
+            self.lo = bounds_ref[(*self._row, 0)]
+            self.hi = bounds_ref[(*self._row, 1)]
+        else:
+            self.lo, self.hi = jnp.int32(0), jnp.int32(n_tiles)
+        self._n, self._ragged = n_tiles, ragged_last
+
+    def tile_class(self, j):
+        if self.sparse:
+            return self._classes[(*self._row, j)]
+        if self._ragged:
+            return jnp.where(j == self._n - 1, PARTIAL, FULL)
+        return jnp.int32(FULL)
+
+    def consume(self, body, carry, t0=None):
+        """``body(j, t, is_partial, carry) -> carry`` for each visited tile ``j``
+        (``t`` counts visits from ``t0``). Returns ``(visits_end, carry)``."""
+
+        def step(j, c):
+            cls = self.tile_class(j)
+
+            def visit(c):
+                t, carry = c
+                return t + 1, body(j, t, cls == PARTIAL, carry)
+
+            return lax.cond(cls != EMPTY, visit, lambda c: c, c) if self.sparse else visit(c)
+
+        return lax.fori_loop(self.lo, self.hi, step, (jnp.int32(0) if t0 is None else t0, carry))
+
+    def produce(self, fetch, t0=None):
+        """``fetch(j, t)`` for each visited tile; returns the visit count end."""
+
+        def step(j, t):
+            visited = self.tile_class(j) != EMPTY
+            pl.when(visited)(lambda: fetch(j, t))
+            return t + visited.astype(jnp.int32)
+
+        return lax.fori_loop(self.lo, self.hi, step, jnp.int32(0) if t0 is None else t0)
 
 
 def wait_slot_free(free_barriers, step, stages: int):

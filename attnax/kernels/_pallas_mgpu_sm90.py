@@ -24,7 +24,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from attnax.kernels._pallas_mgpu_common import WGMMA, WGMMA_ROW, Lowering, TileContext, drain_ring, wait_slot_free
+from attnax.kernels._pallas_mgpu_common import (
+    WGMMA,
+    WGMMA_ROW,
+    Lowering,
+    TileContext,
+    TileWalk,
+    drain_ring,
+    wait_slot_free,
+)
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -58,9 +66,9 @@ def forward_kernel_call(
         k, v: ``[B, Hk, Sp, D]``, ``[B, Hk, Sp, Dv]`` with ``Sp`` a multiple of
             ``block_kv``.
         q_offset: int32 ``[B]``.
-        lists: ``(counts, order)``: int32 ``[Bm, Hm, nq, 2]`` (number of full
-            tiles, number of visited tiles) and ``[Bm, Hm, nq, nk]`` (kv tile
-            indices, full ones first, then partial); ``Bm``/``Hm`` are 1 or full.
+        lists: ``(classes, bounds)`` from ``kernel_tiles``: int32 tile classes
+            ``[Bm, Hm, nq, nk]`` and the ``[lo, hi)`` range of non-empty kv
+            tiles per query tile ``[Bm, Hm, nq, 2]`` (``Bm``/``Hm`` 1 or full).
             None when ``st.sparse`` is False.
         mod_operands: flattened mod leaves (see ``flatten_mods``).
         build_mods: rebuilds ``(transform, mask_fn)`` from the leaf refs.
@@ -94,20 +102,8 @@ def forward_kernel_call(
         wg = lax.axis_index("wg")
         hk = lax.div(h, jnp.array(st.group, h.dtype))
 
-        if st.sparse:
-            counts_ref, order_ref = list_refs
-            bb = b if counts_ref.shape[0] > 1 else 0
-            hh = h if counts_ref.shape[1] > 1 else 0
-            n_full = counts_ref[bb, hh, qi, 0]
-            n_total = counts_ref[bb, hh, qi, 1]
-
-            def kv_block(step):
-                return order_ref[bb, hh, qi, step]
-        else:
-            n_full = n_total = jnp.int32(nk)
-
-            def kv_block(step):
-                return step
+        walk = TileWalk(nk, st.mask_tail, *list_refs, index=(b, h, qi)) if st.sparse else TileWalk(nk, st.mask_tail)
+        need_mask = st.has_mask or st.mask_tail
 
         def sched_sync():
             plgpu.barrier_arrive(sched)
@@ -128,36 +124,33 @@ def forward_kernel_call(
             m_i = low.cast(jnp.full((bq,), -jnp.inf, jnp.float32), WGMMA_ROW)
             l_i = low.cast(jnp.zeros((bq,), jnp.float32), WGMMA_ROW)
             acc = low.cast(jnp.zeros((bq, Dv), jnp.float32), WGMMA)
-
-            @pl.when(n_total > 0)
-            def _():
-                plgpu.barrier_wait(k_bar.at[0])
-
             pl.when(wg == 1)(sched_sync)
 
-            def step_body(step, carry, masked: bool):
+            def step_body(j, t, is_partial, carry):
                 acc, m_i, l_i = carry
-                slot = lax.rem(step, jnp.int32(stages))
+                slot = lax.rem(t, jnp.int32(stages))
+                plgpu.barrier_wait(k_bar.at[slot])
                 s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv), during=sched_sync)
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = s * st.scale
-                if st.has_transform or masked:
-                    # The tile index is a global-memory load: read it only when used.
-                    kv_start = kv_block(step) * bkv
+                if st.has_transform or need_mask:
+                    kv_start = j * bkv
                     q_idx = q_start + low.iota((bq, bkv), 0)
                     kv_idx = kv_start + low.iota((bq, bkv), 1)
                     ctx_box[0] = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
                     if st.has_transform:
                         s = transform(s, b, h, q_idx, kv_idx).astype(jnp.float32)
-                    if masked:
-                        vis = None
-                        if st.has_mask:
-                            vis = mask_fn(b, h, q_idx, kv_idx)
-                        if st.mask_tail:
-                            tail = kv_idx < st.S
-                            vis = tail if vis is None else jnp.logical_and(vis, tail)
-                        if vis is not None:
-                            s = jnp.where(vis, s, -jnp.inf)
+                    if need_mask:
+
+                        def apply_mask(s):
+                            vis = mask_fn(b, h, q_idx, kv_idx) if st.has_mask else None
+                            if st.mask_tail:
+                                tail = kv_idx < st.S
+                                vis = tail if vis is None else jnp.logical_and(vis, tail)
+                            return jnp.where(vis, s, -jnp.inf)
+
+                        # Full tiles skip the mask altogether.
+                        s = lax.cond(is_partial, apply_mask, lambda s: s, s)
                 m_new = jnp.maximum(m_i, s.max(axis=1) * _LOG2E)
                 # A row with nothing visible yet keeps m = -inf; shift by 0 so
                 # exp2 gives 0, never NaN.
@@ -171,32 +164,13 @@ def forward_kernel_call(
                 plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_wait(sched)
-
-                def wait_next_k():
-                    nxt = step + 1
-
-                    @pl.when(nxt < n_total)
-                    def _():
-                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
-
                 # A fresh accumulator plus a register add (not ACC.init(acc)):
                 # run_state has no GPU interpret-mode rule.
-                acc = acc + low.matmul_nn(p16, v_smem.at[slot], (bq, Dv), during=wait_next_k)
+                acc = acc + low.matmul_nn(p16, v_smem.at[slot], (bq, Dv))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            carry = (acc, m_i, l_i)
-            full_masked = not st.sparse and st.mask_tail
-            if st.sparse:
-                carry = lax.fori_loop(0, n_full, lambda i, c: step_body(i, c, False), carry)
-                carry = lax.fori_loop(n_full, n_total, lambda i, c: step_body(i, c, True), carry)
-            elif full_masked:
-                # Dense with a ragged tail: only the last tile needs the bound.
-                carry = lax.fori_loop(0, n_total - 1, lambda i, c: step_body(i, c, False), carry)
-                carry = step_body(n_total - 1, carry, True)
-            else:
-                carry = lax.fori_loop(0, n_total, lambda i, c: step_body(i, c, False), carry)
-            acc, m_i, l_i = carry
+            _, (acc, m_i, l_i) = walk.consume(step_body, (acc, m_i, l_i))
             pl.when(wg == 0)(sched_sync)
 
             safe_l = jnp.where(l_i == 0.0, 1.0, l_i)
@@ -212,17 +186,14 @@ def forward_kernel_call(
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            @pl.loop(0, n_total)
-            def _(step):
-                # Read the tile index before waiting: its load latency hides
-                # behind the wait instead of delaying the copy.
-                rows = pl.ds(kv_block(step) * bkv, bkv)
-                slot = lax.rem(step, jnp.int32(stages))
-                wait_slot_free((k_free, v_free), step, stages)
+            def fetch(j, t):
+                rows = pl.ds(j * bkv, bkv)
+                slot = lax.rem(t, jnp.int32(stages))
+                wait_slot_free((k_free, v_free), t, stages)
                 plgpu.copy_gmem_to_smem(k_ref.at[b, hk, rows], k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, hk, rows], v_smem.at[slot], v_bar.at[slot])
 
-            drain_ring((k_free, v_free), n_total, stages)
+            drain_ring((k_free, v_free), walk.produce(fetch), stages)
 
     def entry(*refs):
         tiling = plgpu.TilingTransform((8, 64))

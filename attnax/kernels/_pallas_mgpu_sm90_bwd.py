@@ -31,6 +31,7 @@ from attnax.kernels._pallas_mgpu_common import (
     WGMMA_ROW,
     Lowering,
     TileContext,
+    TileWalk,
     drain_ring,
     wait_slot_free,
 )
@@ -55,14 +56,26 @@ class BwdStatic:
     interpret: bool
 
 
-def _tile_scores(low, s, transform, mask_fn, masked, b, h, q_idx, kv_idx, ctx_box, ctx):
-    """Score-mod transform (with its VJP) and masking of one recomputed tile."""
+def _tail_mask(mask_fn, kv_idx, S):
+    """The mask of partial tiles: the mods' mask, and the key bound on a ragged end."""
+    if S is None:
+        return mask_fn
+
+    def mask(b, h, q_idx, kv_idx_):
+        tail = kv_idx_ < S
+        return tail if mask_fn is None else jnp.logical_and(mask_fn(b, h, q_idx, kv_idx_), tail)
+
+    return mask
+
+
+def _tile_scores(s, transform, mask_fn, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx):
+    """Score-mod transform (with its VJP) and, on partial tiles, the mask."""
     ctx_box[0] = ctx
     vjp = None
     if transform is not None:
         s, vjp = jax.vjp(lambda x: transform(x, b, h, q_idx, kv_idx).astype(jnp.float32), s)
-    if masked and mask_fn is not None:
-        s = jnp.where(mask_fn(b, h, q_idx, kv_idx), s, -jnp.inf)
+    if need_mask and mask_fn is not None:
+        s = lax.cond(is_partial, lambda s: jnp.where(mask_fn(b, h, q_idx, kv_idx), s, -jnp.inf), lambda s: s, s)
     return s, vjp
 
 
@@ -96,20 +109,9 @@ def dq_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, buil
         qi = nq - 1 - lax.axis_index("q_seq")
         wg = lax.axis_index("wg")
         hk = lax.div(h, jnp.array(st.group, h.dtype))
-        if st.sparse:
-            counts_ref, order_ref = list_refs
-            bb = b if counts_ref.shape[0] > 1 else 0
-            hh = h if counts_ref.shape[1] > 1 else 0
-            n_full = counts_ref[bb, hh, qi, 0]
-            n_total = counts_ref[bb, hh, qi, 1]
-
-            def kv_block(step):
-                return order_ref[bb, hh, qi, step]
-        else:
-            n_full = n_total = jnp.int32(nk)
-
-            def kv_block(step):
-                return step
+        ragged = st.S % bkv != 0
+        walk = TileWalk(nk, ragged, *list_refs, index=(b, h, qi)) if st.sparse else TileWalk(nk, ragged)
+        need_mask = st.has_mask or ragged
 
         @pl.when(wg < 2)
         def _compute():
@@ -130,17 +132,16 @@ def dq_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, buil
             transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
             dq = low.cast(jnp.zeros((bq, D), jnp.float32), WGMMA)
 
-            def step_body(step, dq, masked: bool):
-                slot = lax.rem(step, jnp.int32(stages))
-                kv_start = kv_block(step) * bkv
+            def step_body(j, t, is_partial, dq):
+                slot = lax.rem(t, jnp.int32(stages))
+                kv_start = j * bkv
                 plgpu.barrier_wait(k_bar.at[slot])
                 s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv)) * st.scale
                 q_idx = q_start + low.iota((bq, bkv), 0)
                 kv_idx = kv_start + low.iota((bq, bkv), 1)
                 ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
-                s, vjp = _tile_scores(low, s, transform, mask_fn, masked, b, h, q_idx, kv_idx, ctx_box, ctx)
-                if masked:
-                    s = jnp.where(kv_idx < st.S, s, -jnp.inf)
+                mask = _tail_mask(mask_fn, kv_idx, st.S if ragged else None)
+                s, vjp = _tile_scores(s, transform, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx)
                 p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
                 plgpu.barrier_wait(v_bar.at[slot])
                 dp = low.matmul_nt(do_smem, v_smem.at[slot], (bq, bkv))
@@ -152,12 +153,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, buil
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
 
-            if st.sparse:
-                dq = lax.fori_loop(0, n_full, lambda i, c: step_body(i, c, False), dq)
-                dq = lax.fori_loop(n_full, n_total, lambda i, c: step_body(i, c, True), dq)
-            else:
-                dq = lax.fori_loop(0, n_total - 1, lambda i, c: step_body(i, c, False), dq)
-                dq = step_body(n_total - 1, dq, st.S % bkv != 0)
+            _, dq = walk.consume(step_body, dq)
             q_smem[...] = (dq * st.scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, h, rows])
@@ -167,15 +163,14 @@ def dq_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, buil
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            @pl.loop(0, n_total)
-            def _(step):
-                rows = pl.ds(kv_block(step) * bkv, bkv)
-                slot = lax.rem(step, jnp.int32(stages))
-                wait_slot_free((k_free, v_free), step, stages)
+            def fetch(j, t):
+                rows = pl.ds(j * bkv, bkv)
+                slot = lax.rem(t, jnp.int32(stages))
+                wait_slot_free((k_free, v_free), t, stages)
                 plgpu.copy_gmem_to_smem(k_ref.at[b, hk, rows], k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, hk, rows], v_smem.at[slot], v_bar.at[slot])
 
-            drain_ring((k_free, v_free), n_total, stages)
+            drain_ring((k_free, v_free), walk.produce(fetch), stages)
 
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
@@ -236,19 +231,11 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, bui
         kt = nkt - 1 - lax.axis_index("kv_seq")
         wg = lax.axis_index("wg")
 
-        def head_lists(g):
+        def head_walk(g):
             h = hk * G + g
             if not st.sparse:
-                return h, jnp.int32(nqt), jnp.int32(nqt), (lambda j: j)
-            counts_ref, order_ref = list_refs
-            bb = b if counts_ref.shape[0] > 1 else 0
-            hh = h if counts_ref.shape[1] > 1 else 0
-            return (
-                h,
-                counts_ref[bb, hh, kt, 0],
-                counts_ref[bb, hh, kt, 1],
-                lambda j: order_ref[bb, hh, kt, j],
-            )
+                return h, TileWalk(nqt, False)
+            return h, TileWalk(nqt, False, *list_refs, index=(b, h, kt))
 
         @pl.when(wg < 2)
         def _compute():
@@ -264,10 +251,10 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, bui
             transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
             zeros = lambda n: low.cast(jnp.zeros((bkv, n), jnp.float32), WGMMA)  # noqa: E731
 
-            def step_body(h, j_tile, t, carry, masked: bool):
+            def step_body(h, j, t, is_partial, carry):
                 dk, dv = carry
                 slot = lax.rem(t, jnp.int32(stages))
-                q_row0 = j_tile * bq
+                q_row0 = j * bq
                 q_start = qoff_ref[b] + q_row0
                 for bar in ready:
                     plgpu.barrier_wait(bar.at[slot])
@@ -275,7 +262,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, bui
                 kv_idx = row0 + low.iota((bkv, bq), 0)
                 q_idx = q_start + low.iota((bkv, bq), 1)
                 ctx = TileContext(q_idx, kv_idx, q_start, row0, (bkv, bq), low, q_axis=1)
-                s, vjp = _tile_scores(low, s, transform, mask_fn, masked, b, h, q_idx, kv_idx, ctx_box, ctx)
+                s, vjp = _tile_scores(s, transform, mask_fn, st.has_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx)
                 lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                 delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
                 p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
@@ -290,18 +277,9 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, bui
 
             def per_head(g, carry):
                 t, dk, dv = carry
-                h, n_full, n_total, q_tile = head_lists(g)
-
-                def run(lo, hi, masked, carry):
-                    def body(j, c):
-                        t, dk, dv = c
-                        dk, dv = step_body(h, q_tile(j), t, (dk, dv), masked)
-                        return t + 1, dk, dv
-
-                    return lax.fori_loop(lo, hi, body, carry)
-
-                carry = run(0, n_full, False, (t, dk, dv))
-                return run(n_full, n_total, st.sparse, carry)
+                h, walk = head_walk(g)
+                t, (dk, dv) = walk.consume(lambda j, t, p, c: step_body(h, j, t, p, c), (dk, dv), t0=t)
+                return t, dk, dv
 
             _, dk, dv = lax.fori_loop(0, G, per_head, (jnp.int32(0), zeros(D), zeros(Dv)))
             k_smem[...] = (dk * st.scale).astype(dtype)
@@ -316,18 +294,17 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, bui
             plgpu.set_max_registers(40, action="decrease")
 
             def per_head(g, t):
-                h, _, n_total, q_tile = head_lists(g)
+                h, walk = head_walk(g)
 
-                def body(j, t):
-                    rows = pl.ds(q_tile(j) * bq, bq)
+                def fetch(j, t):
+                    rows = pl.ds(j * bq, bq)
                     slot = lax.rem(t, jnp.int32(stages))
                     wait_slot_free((free,), t, stages)
                     srcs = (q_ref.at[b, h, rows], do_ref.at[b, h, rows], lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])
                     for src, dst, bar in zip(srcs, (q_smem, do_smem, lse_smem, delta_smem), ready):
                         plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
-                    return t + 1
 
-                return lax.fori_loop(0, n_total, body, t)
+                return walk.produce(fetch, t0=t)
 
             t_end = lax.fori_loop(0, G, per_head, jnp.int32(0))
             drain_ring((free,), t_end, stages)
