@@ -553,7 +553,9 @@ def check_paged_args(query, k_pages, v_pages, block_tables, lengths, *, score_mo
         raise ValueError(f"`query` must have rank 4 [batch, num_heads, num_new_tokens, head_dim]; got shape {q}.")
     for name, s in (("k_pages", kp), ("v_pages", vp)):
         if len(s) != 4:
-            raise ValueError(f"`{name}` must have rank 4 [num_pages, page_size, num_kv_heads, head_dim]; got shape {s}.")
+            raise ValueError(
+                f"`{name}` must have rank 4 [num_pages, page_size, num_kv_heads, head_dim]; got shape {s}."
+            )
     dtypes = [jnp.dtype(x.dtype) for x in (query, k_pages, v_pages)]
     for name, d in zip(("query", "k_pages", "v_pages"), dtypes):
         if d not in [jnp.dtype(t) for t in _FLOAT_DTYPES]:
@@ -634,7 +636,9 @@ def check_paged_implementation(implementation, interpret) -> str:
     if implementation is None:
         implementation = "pallas" if (interpret or jax.default_backend() == "gpu") else "xla"
     if interpret and implementation != "pallas":
-        raise ValueError("`interpret=True` runs the Pallas kernel on CPU: it goes with implementation='pallas' (or None).")
+        raise ValueError(
+            "`interpret=True` runs the Pallas kernel on CPU: it goes with implementation='pallas' (or None)."
+        )
     return implementation
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from attnax._validation import check_qkv
 from attnax.kernels._memory_efficient import memory_efficient_attention
 from attnax.kernels._standard import standard_attention
 
@@ -53,6 +54,7 @@ def flash_attention(query, key, value, *, implementation=None, **kwargs):
         (2, 4, 64, 32)
     """
     if implementation is None:
+        check_qkv(query, key, value)  # the choice reads shapes: validate them first
         implementation = _auto(query, key)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(

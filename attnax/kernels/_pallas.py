@@ -18,7 +18,7 @@ from attnax.block_mask import EMPTY, FULL, PARTIAL, create_block_mask
 from attnax.kernels import _pallas_mgpu_common as common
 from attnax.kernels import _pallas_mgpu_sm90 as sm90
 from attnax.kernels import _pallas_mgpu_sm90_bwd as sm90_bwd
-from attnax.score_mods._base import _as_mask_mod, _as_score_mod
+from attnax.score_mods._base import _as_mask_mod, _as_score_mod, and_masks
 
 __all__ = ["PallasFlashConfig", "pallas_flash_attention"]
 
@@ -104,14 +104,29 @@ def _depends_on(mask_fn, B, H):
     return shape[0] != 1, shape[1] != 1
 
 
-def tile_classes(mask_fn, block_mask, dims, q_offset, block_q: int, block_kv: int):
+def _classified_masks(parts):
+    """The mods' masks (not the block mask's: its classes are known) as one mask mod.
+
+    An ``and_masks`` of pytrees keeps ``block_classes``, so prebuilt masks
+    (causal, windows, prefix-LM, documents) are classified from tile ranges
+    instead of element by element.
+    """
+    smod, mmod, _ = parts
+    masks = [m for m in (smod.mask_mod if smod is not None else None, mmod) if m is not None]
+    if not masks:
+        return None
+    return masks[0] if len(masks) == 1 else and_masks(*masks)
+
+
+def tile_classes(parts, block_mask, dims, q_offset, block_q: int, block_kv: int):
     """int8 classes ``[Bm, Hm, nq, nk]`` of the ``(block_q, block_kv)`` tiles.
 
-    A user ``block_mask`` must use tiles of ``(block_q, block_kv)``, or of
-    ``(k * block_q, block_kv)`` (each finer tile inherits its parent's class,
-    which is exact for empty and full tiles).
+    ``parts`` come from :func:`_mask_parts`. A user ``block_mask`` must use
+    tiles of ``(block_q, block_kv)``, or of ``(k * block_q, block_kv)`` (each
+    finer tile inherits its parent's class, exact for empty and full tiles).
     """
     classes = None
+    mask_fn = _classified_masks(parts)
     if mask_fn is not None:
         dep_b, dep_h = _depends_on(mask_fn, dims.B, dims.H)
         if jnp.ndim(q_offset):
@@ -215,7 +230,7 @@ def _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st: _Static):
     pr = _prepare(q_offset, score_mod, mask_mod, block_mask, st)
     lists = None
     if pr.sparse:
-        classes = tile_classes(pr.mask_fn, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv)
+        classes = tile_classes(pr.parts, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv)
         lists = kernel_tiles(classes, d.S % cfg.block_kv != 0)
     fst = sm90.FwdStatic(
         block_q=cfg.block_q, block_kv=cfg.block_kv, num_stages=cfg.num_stages, scale=st.scale, T=d.T, S=d.S,
@@ -255,9 +270,9 @@ def _backward(q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse, dout
     kp, vp = pr.pad(k, pr.Sp, d.D), pr.pad(v, pr.Sp, d.Dv)
     dq_lists = dkv_lists = None
     if pr.sparse:
-        classes = tile_classes(pr.mask_fn, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv)
+        classes = tile_classes(pr.parts, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv)
         dq_lists = kernel_tiles(classes, d.S % cfg.block_kv != 0)
-        classes_t = tile_classes(pr.mask_fn, block_mask, d, _class_offset(q_offset, st), _BWD_BLOCK_Q, 2 * _BWD_BLOCK_KV)
+        classes_t = tile_classes(pr.parts, block_mask, d, _class_offset(q_offset, st), _BWD_BLOCK_Q, 2 * _BWD_BLOCK_KV)
         dkv_lists = kernel_tiles(jnp.swapaxes(classes_t, 2, 3), False)
     common_static = dict(
         scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,

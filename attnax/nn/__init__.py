@@ -11,6 +11,7 @@ from attnax.nn._cache import CacheView
 from attnax.nn._cache import ContiguousKVCache
 from attnax.nn._cache import DecodeCache
 from attnax.nn._flax_adapter import as_flax_attention_fn
+from attnax.nn._paged_cache import PagedDecodeCache
 from attnax.nn._rope import RoPE
 from attnax.nn._rope import apply_rope
 from attnax.nn._types import AttentionType
@@ -21,6 +22,7 @@ __all__ = [
     "ContiguousKVCache",
     "DecodeCache",
     "MultiHeadAttention",
+    "PagedDecodeCache",
     "RoPE",
     "apply_rope",
     "as_flax_attention_fn",

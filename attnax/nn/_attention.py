@@ -22,6 +22,7 @@ from attnax._validation import (
 )
 from attnax.nn._cache import ContiguousKVCache
 from attnax.nn._layout import attend_btnh
+from attnax.nn._paged_cache import PagedDecodeCache
 from attnax.nn._rope import RoPE
 from attnax.nn._types import AttentionType, resolve_attention_fn
 from attnax.score_mods._base import compose_score_mods
@@ -34,6 +35,16 @@ _zeros_init = initializers.zeros_init()
 def _compose(*mods):
     mods = [m for m in mods if m is not None]
     return compose_score_mods(*mods) if mods else None
+
+
+def _self_attending(attention):
+    """An ``attention_fn`` for a cache that attends itself: the new keys and values are already in it."""
+
+    def fn(query, key, value, **kwargs):
+        del key, value
+        return attention(query, **kwargs)
+
+    return fn
 
 
 class MultiHeadAttention(nnx.Module):
@@ -206,7 +217,10 @@ class MultiHeadAttention(nnx.Module):
         self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else nnx.data(None)
         self.cache = nnx.data(None)
 
-    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> None:
+    def init_cache(
+        self, batch_size: int, max_length: int, dtype: Any = None, *, page_size: int | None = None,
+        num_pages: int | None = None,
+    ) -> None:  # fmt: skip
         """Creates an empty KV cache for decode mode (replacing any previous one).
 
         Args:
@@ -214,6 +228,14 @@ class MultiHeadAttention(nnx.Module):
             max_length: capacity in tokens (prompt plus generated ones).
             dtype: storage dtype; default the module's ``dtype``, else its
                 ``param_dtype``.
+            page_size: None for a contiguous cache
+                (:class:`attnax.nn.ContiguousKVCache`); an int for a paged one
+                (:class:`attnax.nn.PagedDecodeCache`: pages of this many
+                tokens, per-row lengths, attention by
+                :func:`attnax.kernels.paged_attention` instead of
+                ``attention_fn``).
+            num_pages: pages in a paged cache's pool; default enough for
+                every row to reach ``max_length``.
 
         Example:
             >>> from flax import nnx
@@ -226,7 +248,11 @@ class MultiHeadAttention(nnx.Module):
         check_init_cache(batch_size, max_length)
         if dtype is None:  # not `or`: a NumPy dtype object is falsy
             dtype = self.param_dtype if self.dtype is None else self.dtype
-        self.cache = ContiguousKVCache(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype)
+        if page_size is None:
+            self.cache = ContiguousKVCache(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype)
+        else:
+            self.cache = PagedDecodeCache(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype,
+                                          page_size=page_size, num_pages=num_pages)  # fmt: skip
 
     def __call__(
         self,
@@ -272,14 +298,19 @@ class MultiHeadAttention(nnx.Module):
 
         kwargs: dict[str, Any] = {}
         view = None
+        attention_fn = self.attention_fn
         if decode:
             start = self.cache.position
-            positions = start + jnp.arange(T, dtype=jnp.int32)
+            steps = jnp.arange(T, dtype=jnp.int32)
+            positions = start[:, None] + steps[None, :] if jnp.ndim(start) else start + steps  # per-row caches: [B, T]
             if self.rope is not None:
                 query, key = self.rope(query, positions), self.rope(key, positions)
             view = self.cache.append(key, value)
-            key, value = view.key.astype(query.dtype), view.value.astype(query.dtype)
-            kwargs.update(q_offset=view.q_offset, mask_mod=view.mask_mod)
+            if view.attention is not None:  # the cache attends itself (paged): keys and values stay in it
+                attention_fn = _self_attending(view.attention)
+            else:
+                key, value = view.key.astype(query.dtype), view.value.astype(query.dtype)
+                kwargs.update(q_offset=view.q_offset, mask_mod=view.mask_mod)
         elif self.rope is not None:
             query = self.rope(query, jnp.arange(T, dtype=jnp.int32))
             key = self.rope(key, jnp.arange(S, dtype=jnp.int32))
@@ -293,7 +324,7 @@ class MultiHeadAttention(nnx.Module):
         if self.dropout_rate > 0.0 and not deterministic:
             kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=self._dropout_rng(rngs), deterministic=False)
 
-        out = self.out(attend_btnh(self.attention_fn, query, key, value, **kwargs))
+        out = self.out(attend_btnh(attention_fn, query, key, value, **kwargs))
         if view is not None:
             # Under jit an overflow cannot raise: make it impossible to miss instead.
             out = jnp.where(view.valid, out, jnp.asarray(jnp.nan, out.dtype))

@@ -38,6 +38,10 @@ class CacheView(NamedTuple):
         mask_mod: hides slots that are not (yet) visible.
         valid: bool scalar, False when the append overflowed the cache (under
             ``jit``, where it cannot raise); the module then returns NaN.
+        attention: None, or ``attention(query, **kwargs)`` on a BHSD query:
+            the cache attends itself (a paged cache) and the module calls this
+            instead of its ``attention_fn`` (``key``, ``value``, ``q_offset``
+            and ``mask_mod`` are then unused).
     """
 
     key: Any
@@ -45,6 +49,7 @@ class CacheView(NamedTuple):
     q_offset: Any
     mask_mod: Any
     valid: Any
+    attention: Any = None
 
 
 class DecodeCache(Protocol):
@@ -52,7 +57,7 @@ class DecodeCache(Protocol):
 
     @property
     def position(self) -> jax.Array:
-        """Absolute position of the next token to be appended."""
+        """Absolute position of the next token to be appended (a scalar, or ``[B]`` per row)."""
         ...
 
     def append(self, key: jax.Array, value: jax.Array) -> CacheView:
