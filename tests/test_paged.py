@@ -235,3 +235,27 @@ def test_pallas_contiguous_cache_many_rows():
     with pytest.raises(NotImplementedError, match="cannot index an array leaf by q_idx"):
         cache.attend(q, score_mod=document_mask_mod(jnp.zeros((S,), jnp.int32)), implementation="pallas",
                      interpret=True)  # fmt: skip
+
+
+# --- compiled on the GPU machine (skipped without a GPU) --------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "ps, T, H, Hk, D, mod",
+    [
+        (16, 1, 32, 8, 128, None),
+        (256, 1, 8, 2, 128, "alibi_window"),
+        (16, 4, 8, 2, 64, "alibi_window"),
+        (32, 40, 4, 2, 128, None),  # 80 rows: two row blocks
+    ],
+)
+def test_pallas_compiled_matches_oracle(ps, T, H, Hk, D, mod):
+    score_mod = compose_score_mods(alibi_mod(H), sliding_window_mod(300)) if mod else None
+    B, cap = 3, 2048
+    lengths = jnp.asarray([cap, 1 + T, 1000], jnp.int32)
+    k, v, kp, vp, tables = random_paged(110 + ps + T, B=B, Hk=Hk, D=D, capacity=cap, page_size=ps, dtype=bf16)
+    tables = unused_pages_to_minus_one(tables, lengths, ps)
+    q = rand(120 + T, (B, H, T, D), bf16)
+    got = jit_paged(score_mod=score_mod, implementation="pallas")(q, kp, vp, tables, lengths)
+    assert_close(got, paged_oracle(q, k, v, lengths, score_mod=score_mod), atol=2e-2, lse_atol=2e-3)

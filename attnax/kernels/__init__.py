@@ -1,11 +1,14 @@
 """Every attnax kernel, and (for convenience) the prebuilt mods and helpers."""
 
 from attnax.kernels import score_mods
+from attnax.kernels._cudnn import cudnn_attention
 from attnax.kernels._dispatch import flash_attention
 from attnax.kernels._memory_efficient import MemoryEfficientConfig
 from attnax.kernels._memory_efficient import memory_efficient_attention
 from attnax.kernels._paged import PagedAttentionConfig
 from attnax.kernels._paged import paged_attention
+from attnax.kernels._pallas import PallasFlashConfig
+from attnax.kernels._pallas import pallas_flash_attention
 from attnax.kernels._ring import ring_attention
 from attnax.kernels._ring import ring_attention_reference
 from attnax.kernels._ring_layout import ring_block_counts
@@ -30,12 +33,14 @@ from attnax.score_mods import softcap_mod
 __all__ = [
     "MemoryEfficientConfig",
     "PagedAttentionConfig",
+    "PallasFlashConfig",
     "additive_bias_mod",
     "alibi_mod",
     "alibi_slopes",
     "and_masks",
     "causal_mod",
     "compose_score_mods",
+    "cudnn_attention",
     "document_mask_mod",
     "flash_attention",
     "mask_mod_to_boolean_mask",
@@ -43,6 +48,7 @@ __all__ = [
     "memory_efficient_attention",
     "or_masks",
     "paged_attention",
+    "pallas_flash_attention",
     "prefix_lm_mod",
     "ring_attention",
     "ring_attention_reference",

@@ -97,6 +97,10 @@ def _pallas_unsupported(dims: PagedDims, dtype, interpret: bool) -> str | None:
     if not interpret and jax.default_backend() != "gpu":
         return (f"the Pallas paged kernel is a Mosaic GPU kernel: it needs an NVIDIA GPU (sm90), or interpret=True; "
                 f"the platform is {jax.default_backend()!r}")  # fmt: skip
+    if not interpret:
+        cc = getattr(jax.devices()[0], "compute_capability", None)
+        if cc is not None and float(cc) < 9.0:
+            return f"it uses Hopper (sm90) instructions (wgmma, TMA); this GPU has compute capability {cc}"
     if dtype not in (jnp.bfloat16, jnp.float16):
         return f"it computes in bfloat16/float16; got {jnp.dtype(dtype)} (cast the cache and query)"
     if dims.D % 64 or dims.Dv % 64 or dims.D > 256 or dims.Dv > 256:
@@ -104,6 +108,25 @@ def _pallas_unsupported(dims: PagedDims, dtype, interpret: bool) -> str | None:
     if dims.page_size % 8:
         return f"pages are copied by TMA in rows of 8: page_size must be a multiple of 8; got {dims.page_size}"
     return None
+
+
+def pallas_supported(query, k_pages, v_pages, block_tables, config=None) -> bool:
+    """Whether ``implementation='pallas'`` (compiled) serves these arrays on this platform.
+
+    For callers that pick an implementation by features (the Flax decode
+    cache); :func:`paged_attention` itself chooses by platform only.
+    """
+    B, H, T, D = query.shape
+    N, ps, Hk, _ = k_pages.shape
+    dims = PagedDims(B=B, H=H, Hk=Hk, T=T, D=D, Dv=v_pages.shape[3], num_pages=N, page_size=ps,
+                     max_pages=block_tables.shape[1])  # fmt: skip
+    if _pallas_unsupported(dims, query.dtype, interpret=False) is not None:
+        return False
+    try:
+        resolve_config(config, dims, query.dtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _block_kv_for(page_size: int, D: int, Dv: int) -> int | None:

@@ -246,28 +246,29 @@ def decode_kernel_call(
                     out.append((table_ref[b, jnp.minimum(col, last_page)], r0))
                 return out
 
-            def issue(slot, pages):
+            def issue(src_ref, smem, bar, slot, pages):
                 for j, (page, r0) in enumerate(pages):
-                    rows = pl.ds(r0, rows_per_copy)
-                    dst = pl.ds(j * rows_per_copy, rows_per_copy)
-                    k_dst = k_smem.at[slot] if copies == 1 else k_smem.at[slot, dst]
-                    v_dst = v_smem.at[slot] if copies == 1 else v_smem.at[slot, dst]
-                    plgpu.copy_gmem_to_smem(k_ref.at[page, rows, hk], k_dst, k_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(v_ref.at[page, rows, hk], v_dst, v_bar.at[slot])
+                    dst = smem.at[slot] if copies == 1 else smem.at[slot, pl.ds(j * rows_per_copy, rows_per_copy)]
+                    plgpu.copy_gmem_to_smem(src_ref.at[page, pl.ds(r0, rows_per_copy), hk], dst, bar.at[slot])
 
             for i in range(stages):
 
                 @pl.when(lo + i < hi)
                 def _(i=i):
-                    issue(i, pages_of(lo + i))
+                    pages = pages_of(lo + i)
+                    issue(k_ref, k_smem, k_bar, i, pages)
+                    issue(v_ref, v_smem, v_bar, i, pages)
 
             @pl.loop(lo + stages, jnp.maximum(hi, lo + stages))
             def _(step):
                 slot = lax.rem(step - lo, jnp.int32(stages))
                 pages = pages_of(step)  # table reads first: their latency overlaps the wait for a free slot
+                # K and V of a slot are released separately (K after Q K^T, V after P V): refill each as
+                # soon as it is free.
                 plgpu.barrier_wait(k_free.at[slot])
+                issue(k_ref, k_smem, k_bar, slot, pages)
                 plgpu.barrier_wait(v_free.at[slot])
-                issue(slot, pages)
+                issue(v_ref, v_smem, v_bar, slot, pages)
 
             # Observe the releases of the last `stages` steps too: every barrier phase is then waited on
             # (GPU interpret mode checks this; compiled, it only delays this warpgroup's exit).

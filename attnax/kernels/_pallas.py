@@ -332,6 +332,29 @@ def _attention_bwd(st, res, cts):
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
+def _on_gpu() -> bool:
+    try:
+        return jax.default_backend() == "gpu"
+    except RuntimeError:
+        return False
+
+
+def pallas_unsupported_reason(query, key, value, *, mask=None, dropout_rate=0.0, deterministic=True,
+                              interpret=False, **_) -> str | None:
+    """Why :func:`pallas_flash_attention` cannot serve these arguments, or None."""
+    if not interpret and not _on_gpu():
+        return "the Mosaic GPU kernel needs an NVIDIA GPU (or interpret=True on CPU)"
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"the Mosaic GPU kernel computes in bfloat16/float16; got {query.dtype}"
+    if mask is not None:
+        return "dense `mask=` arrays are not implemented in the Pallas kernel yet (express it as a mask_mod)"
+    if dropout_rate and not deterministic:
+        return "dropout is not implemented in the Pallas kernel yet"
+    if max(query.shape[-1], value.shape[-1]) > 256:
+        return f"head dims above 256 are not supported; got D={query.shape[-1]}, Dv={value.shape[-1]}"
+    return None
+
+
 def pallas_flash_attention(
     query,
     key,
@@ -367,9 +390,12 @@ def pallas_flash_attention(
         score_mod, mask_mod, block_mask, scale, q_offset, return_lse: see
             :class:`attnax.typing.AttentionFn`. A ``block_mask`` must use the
             kernel's tiles, ``(2 * block_q, block_kv)``.
-        mask, dropout_rate, dropout_rng, deterministic: dense masks and
-            dropout are not implemented in this kernel yet
-            (``NotImplementedError``).
+        mask: dense masks are not implemented in this kernel yet
+            (``NotImplementedError``; express the mask as a ``mask_mod``).
+        dropout_rate: dropout is not implemented in this kernel yet
+            (``NotImplementedError`` when active).
+        dropout_rng: unused while dropout is not implemented.
+        deterministic: True (the default) keeps dropout off.
         block_sizes: a :class:`PallasFlashConfig` (default: by head dim).
         backend: ``'mosaic_gpu'`` or None (by platform).
         interpret: run the kernel in the backend's interpret mode on CPU.
@@ -381,7 +407,9 @@ def pallas_flash_attention(
         >>> import jax, jax.numpy as jnp
         >>> from attnax.kernels import pallas_flash_attention, causal_mod
         >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 1, 128, 64), jnp.bfloat16)
-        >>> out = pallas_flash_attention(q, k, v, score_mod=causal_mod(), interpret=True)  # doctest: +SKIP
+        >>> out = pallas_flash_attention(q, k, v, score_mod=causal_mod(), interpret=True)  # CPU: GPU interpret mode
+        >>> out.shape, out.dtype
+        ((1, 1, 128, 64), dtype(bfloat16))
     """
     args = check_attention_args(
         query, key, value, score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask,
@@ -395,20 +423,14 @@ def pallas_flash_attention(
         raise NotImplementedError(
             f"`backend={backend!r}` is not available; pallas_flash_attention implements {list(_BACKENDS)}."
         )
-    if query.dtype not in (jnp.bfloat16, jnp.float16):
-        raise NotImplementedError(
-            f"pallas_flash_attention (mosaic_gpu) computes in bfloat16/float16; got {query.dtype}. "
-            "Cast the inputs, or use memory_efficient_attention for float32/float64."
-        )
-    if args.mask is not None:
-        raise NotImplementedError("pallas_flash_attention does not take a dense `mask=` yet: express it as a mask_mod.")
-    if args.dropout_active:
-        raise NotImplementedError("pallas_flash_attention does not implement dropout yet.")
+    why = pallas_unsupported_reason(
+        query, key, value, mask=mask, dropout_rate=dropout_rate, deterministic=deterministic, interpret=interpret
+    )
+    if why is not None:
+        raise NotImplementedError(f"pallas_flash_attention cannot serve these arguments: {why}")
     config = block_sizes or default_config(d.D)
     if not isinstance(config, PallasFlashConfig):
         raise TypeError(f"`block_sizes` must be a PallasFlashConfig; got {type(config).__name__}.")
-    if d.D > 256 or d.Dv > 256:
-        raise NotImplementedError(f"head dims above 256 are not supported; got D={d.D}, Dv={d.Dv}.")
     st = _Static(
         scale=args.scale, config=config, interpret=bool(interpret), dims=d,
         q_offset=args.q_offset if isinstance(args.q_offset, int) else None,

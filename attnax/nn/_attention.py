@@ -233,7 +233,8 @@ class MultiHeadAttention(nnx.Module):
                 (:class:`attnax.nn.PagedDecodeCache`: pages of this many
                 tokens, per-row lengths, attention by
                 :func:`attnax.kernels.paged_attention` instead of
-                ``attention_fn``).
+                ``attention_fn``: the Pallas kernel where it can serve the
+                cache, else the XLA path).
             num_pages: pages in a paged cache's pool; default enough for
                 every row to reach ``max_length``.
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnax.cache import PagedKVCache
+from attnax.kernels._paged import pallas_supported
 from attnax.nn._cache import CacheView
 
 __all__ = ["PagedDecodeCache"]
@@ -32,8 +33,10 @@ class PagedDecodeCache(nnx.Module):
         page_size: tokens per page.
         num_pages: pages in the pool; default enough for every row to reach
             ``max_length``.
-        implementation: ``paged_attention``'s ``implementation`` (None: by
-            platform).
+        implementation: ``paged_attention``'s ``implementation``; None
+            picks the Pallas kernel where it can serve the cache (a GPU,
+            bfloat16/float16, its head dims and page size), else the XLA
+            path.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -100,8 +103,11 @@ class PagedDecodeCache(nnx.Module):
                 raise NotImplementedError("decode mode with a paged cache does not implement attention dropout: "
                                           "call with deterministic=True.")  # fmt: skip
             kwargs.pop("dropout_rng", None)
-            out = kv.attend(query.astype(kv.k_pages.dtype), score_mod=score_mod, implementation=implementation,
-                            **kwargs)  # fmt: skip
+            q = query.astype(kv.k_pages.dtype)
+            impl = implementation
+            if impl is None:
+                impl = "pallas" if pallas_supported(q, kv.k_pages, kv.v_pages, kv.block_tables) else "xla"
+            out = kv.attend(q, score_mod=score_mod, implementation=impl, **kwargs)
             return out.astype(query.dtype)
 
         T = key.shape[1]

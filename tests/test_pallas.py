@@ -1,0 +1,122 @@
+"""The Pallas flash kernel runs the conformance suite.
+
+On CPU the Mosaic GPU kernels run in GPU interpret mode (barriers, TMA
+copies and the warp-specialised schedule are simulated; wgmma is a plain dot).
+The same class runs compiled on a GPU (marked ``gpu``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnax.block_mask import create_block_mask
+from attnax.kernels import causal_mod, document_mask_mod, sliding_window_mod
+from attnax.kernels._pallas import pallas_flash_attention
+
+try:
+    from conformance import BF16, AttentionConformance, random_qkv, to64, oracle
+except ImportError:  # tests/ imported as a package
+    from tests.conformance import BF16, AttentionConformance, random_qkv, to64, oracle
+
+_REASONS = {
+    "float64": "the Mosaic GPU kernel computes in bfloat16/float16",
+    "dropout": "dropout is not implemented in the Pallas kernel yet",
+    "mask": "dense `mask=` arrays are not implemented in the Pallas kernel yet (use a mask_mod)",
+    "grad_mod_leaves": "gradients to mod array leaves are not implemented in the Pallas kernel yet",
+    "vmap": "plgpu.kernel has no batching rule",
+}
+
+
+class _PallasCases(AttentionConformance):
+    input_dtype = BF16
+    bf16_atol = 2e-2
+    bf16_grad_atol = 6e-2
+    shapes = ((2, 4, 2, 37, 53, 16), (1, 2, 1, 5, 140, 8))
+    supports_float64 = False
+    supports_dropout = False
+    supports_mask = False
+    supports_grad_mod_leaves = False
+    supports_vmap = False
+    skip_reasons = _REASONS
+
+
+# GPU interpret mode costs about a minute per conformance test on a 2-core CPU,
+# too much for CI's 20 minutes in full. CI runs the cases below (forward,
+# gradients, every mod group, GQA/MQA, ragged lengths, fully-masked rows, LSE
+# gradients, bf16); ATTNAX_PALLAS_FULL=1 runs every conformance test in
+# interpret mode, and the GPU class below runs all of them compiled.
+_CI_SUBSET = {
+    "test_forward_and_grads", "test_forward_only", "test_mods", "test_gqa_mqa", "test_odd_lengths",
+    "test_fully_masked_rows", "test_lse_gradient", "test_bfloat16", "test_value_head_dim",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _interpret_subset(request):
+    if (
+        isinstance(request.instance, TestPallasInterpret)
+        and request.function.__name__ not in _CI_SUBSET
+        and not os.environ.get("ATTNAX_PALLAS_FULL")
+    ):
+        pytest.skip("slow in GPU interpret mode; runs compiled on GPU (gpu marker) or with ATTNAX_PALLAS_FULL=1")
+
+
+class TestPallasInterpret(_PallasCases):
+    kernel = staticmethod(pallas_flash_attention)
+    kernel_options = {"interpret": True}
+
+
+@pytest.mark.gpu
+class TestPallasGPU(_PallasCases):
+    kernel = staticmethod(pallas_flash_attention)
+    shapes = ((2, 4, 2, 300, 700, 64), (1, 2, 1, 129, 1000, 128), (1, 8, 8, 256, 256, 256))
+
+
+def test_empty_tiles_are_never_read():
+    """Keys of tiles the mask hides entirely hold NaN: a kernel that loads them returns NaN."""
+    T = S = 384
+    q, k, v = random_qkv(0, 1, 1, 1, T, S, 64, dtype=jnp.bfloat16)
+    # Queries at 256..383 with a 100-key window see keys >= 157: the first kv
+    # tile (keys 0..127) is empty for them.
+    hidden = jnp.arange(S) < 128
+    k = jnp.where(hidden[:, None], jnp.nan, k)
+    v = jnp.where(hidden[:, None], jnp.nan, v)
+    mod = sliding_window_mod(100)
+    out = pallas_flash_attention(q[:, :, 256:], k, v, score_mod=mod, q_offset=256, interpret=True)
+    assert not bool(jnp.isnan(out).any())
+    ref = oracle(*to64(q[:, :, 256:], jnp.nan_to_num(k), jnp.nan_to_num(v)), score_mod=mod, q_offset=256)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2)
+
+
+def test_block_mask_argument():
+    """A user BlockMask (documents) with the kernel's tiles, forward and backward."""
+    T = S = 256
+    q, k, v = random_qkv(1, 2, 2, 1, T, S, 32, dtype=jnp.bfloat16)
+    ids = jnp.asarray(np.repeat([0, 1, 2], [70, 120, 66]))
+    bm = create_block_mask(document_mask_mod(ids).mask_mod, None, None, T, S, block_size=(128, 128))
+    f = lambda q, k, v: pallas_flash_attention(q, k, v, block_mask=bm, score_mod=causal_mod(), interpret=True)
+    g = lambda q, k, v: oracle(q, k, v, block_mask=bm, score_mod=causal_mod())
+    out, vjp = jax.vjp(f, q, k, v)
+    ref, rvjp = jax.vjp(g, *to64(q, k, v))
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2)
+    ct = jnp.asarray(np.random.default_rng(2).standard_normal(out.shape), jnp.bfloat16)
+    for a, b in zip(vjp(ct), rvjp(to64(ct))):
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, atol=8e-2)
+
+
+def test_wrong_block_size_raises():
+    q, k, v = random_qkv(1, 1, 1, 1, 64, 64, 32, dtype=jnp.bfloat16)
+    bm = create_block_mask(causal_mod().mask_mod, None, None, 64, 64, block_size=(32, 32))
+    with pytest.raises(ValueError, match="block_size"):
+        pallas_flash_attention(q, k, v, block_mask=bm, interpret=True)
+
+
+def test_float32_inputs_raise():
+    q, k, v = random_qkv(1, 1, 1, 1, 64, 64, 32, dtype=jnp.float32)
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        pallas_flash_attention(q, k, v, interpret=True)
