@@ -327,7 +327,7 @@ def paged_attention(
     included; its token at position ``p`` lives in page
     ``block_tables[b, p // page_size]``, slot ``p % page_size``. Query ``i``
     of row ``b`` sits at absolute position ``lengths[b] - T + i`` and sees
-    the keys at positions ``<= `` its own (causal within the new tokens):
+    the keys at positions ``<=`` its own (causal within the new tokens):
 
     .. math::
 
