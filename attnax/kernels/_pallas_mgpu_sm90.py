@@ -6,9 +6,10 @@ tiles through a ``num_stages`` ring of shared memory with TMA. The compute
 warpgroups alternate on the tensor cores (a schedule barrier): while one runs
 its ``Q K^T`` wgmma, the other does its softmax.
 
-The kv tiles a CTA visits come from the block mask: first the *full* tiles
-(no mask evaluation), then the *partial* ones (mask evaluated on the register
-tile). Empty tiles are never loaded. Score mods run on every tile.
+The kv tiles a CTA visits come from per-tile classes (empty / partial / full)
+computed from the masks: the CTA walks the range of non-empty tiles of its
+row, never loads an empty tile, and evaluates the mask only on partial tiles
+(a ``lax.cond`` on the tile's class). Score mods run on every visited tile.
 """
 
 from __future__ import annotations
