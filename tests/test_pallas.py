@@ -17,6 +17,7 @@ import pytest
 from attnax.block_mask import create_block_mask
 from attnax.kernels import causal_mod, document_mask_mod, sliding_window_mod
 from attnax.kernels._pallas import pallas_flash_attention
+from attnax.reference import attention_reference
 
 try:
     from conformance import BF16, AttentionConformance, random_qkv, to64, oracle
@@ -46,14 +47,11 @@ class _PallasCases(AttentionConformance):
 
 
 # GPU interpret mode costs about a minute per conformance test on a 2-core CPU,
-# too much for CI's 20 minutes in full. CI runs the cases below (forward,
-# gradients, every mod group, GQA/MQA, ragged lengths, fully-masked rows, LSE
-# gradients, bf16); ATTNAX_PALLAS_FULL=1 runs every conformance test in
-# interpret mode, and the GPU class below runs all of them compiled.
-_CI_SUBSET = {
-    "test_forward_and_grads", "test_forward_only", "test_mods", "test_gqa_mqa", "test_odd_lengths",
-    "test_fully_masked_rows", "test_lse_gradient", "test_bfloat16", "test_value_head_dim",
-}  # fmt: skip
+# too much for CI's 20 minutes in full. CI runs forward + gradients on the
+# GQA/ragged shapes, every mod group (with q_offset, per-batch arrays, block
+# masks) and fully-masked rows; ATTNAX_PALLAS_FULL=1 runs every conformance
+# test in interpret mode, and the GPU class below runs all of them compiled.
+_CI_SUBSET = {"test_forward_and_grads", "test_mods", "test_fully_masked_rows"}
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +98,7 @@ def test_block_mask_argument():
     ids = jnp.asarray(np.repeat([0, 1, 2], [70, 120, 66]))
     bm = create_block_mask(document_mask_mod(ids).mask_mod, None, None, T, S, block_size=(128, 128))
     f = lambda q, k, v: pallas_flash_attention(q, k, v, block_mask=bm, score_mod=causal_mod(), interpret=True)
-    g = lambda q, k, v: oracle(q, k, v, block_mask=bm, score_mod=causal_mod())
+    g = lambda q, k, v: attention_reference(q, k, v, block_mask=bm, score_mod=causal_mod())
     out, vjp = jax.vjp(f, q, k, v)
     ref, rvjp = jax.vjp(g, *to64(q, k, v))
     np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2)
@@ -109,11 +107,17 @@ def test_block_mask_argument():
         np.testing.assert_allclose(np.asarray(a, np.float64), b, atol=8e-2)
 
 
-def test_wrong_block_size_raises():
-    q, k, v = random_qkv(1, 1, 1, 1, 64, 64, 32, dtype=jnp.bfloat16)
-    bm = create_block_mask(causal_mod().mask_mod, None, None, 64, 64, block_size=(32, 32))
+def test_block_mask_of_other_tiles():
+    """A BlockMask with tiles unlike the kernel's is reclassified from its mask mod."""
+    q, k, v = random_qkv(1, 1, 2, 1, 150, 200, 32, dtype=jnp.bfloat16)
+    bm = create_block_mask(sliding_window_mod((20, 5)).mask_mod, None, None, 150, 200, block_size=(32, 16), q_offset=7)
+    out = pallas_flash_attention(q, k, v, block_mask=bm, q_offset=7, interpret=True)
+    ref = oracle(*to64(q, k, v), block_mask=bm, q_offset=7)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2)
+    import dataclasses
+
     with pytest.raises(ValueError, match="block_size"):
-        pallas_flash_attention(q, k, v, block_mask=bm, interpret=True)
+        pallas_flash_attention(q, k, v, block_mask=dataclasses.replace(bm, mask_mod=None), interpret=True)
 
 
 def test_float32_inputs_raise():

@@ -104,29 +104,46 @@ def _depends_on(mask_fn, B, H):
     return shape[0] != 1, shape[1] != 1
 
 
-def _classified_masks(parts):
-    """The mods' masks (not the block mask's: its classes are known) as one mask mod.
+def _classified_masks(parts, block_mask_fits: bool):
+    """The masks to classify element-wise or analytically, as one mask mod.
 
     An ``and_masks`` of pytrees keeps ``block_classes``, so prebuilt masks
     (causal, windows, prefix-LM, documents) are classified from tile ranges
-    instead of element by element.
+    instead of element by element. A block mask whose tiles fit the kernel's
+    contributes its known classes instead of its mask mod.
     """
-    smod, mmod, _ = parts
-    masks = [m for m in (smod.mask_mod if smod is not None else None, mmod) if m is not None]
+    smod, mmod, bmod = parts
+    masks = [smod.mask_mod if smod is not None else None, mmod, None if block_mask_fits else bmod]
+    masks = [m for m in masks if m is not None]
     if not masks:
         return None
     return masks[0] if len(masks) == 1 else and_masks(*masks)
 
 
+def _block_mask_fits(block_mask, block_q: int, block_kv: int) -> bool:
+    if block_mask is None:
+        return False
+    ubq, ubkv = block_mask.block_size
+    return ubkv == block_kv and ubq % block_q == 0
+
+
 def tile_classes(parts, block_mask, dims, q_offset, block_q: int, block_kv: int):
     """int8 classes ``[Bm, Hm, nq, nk]`` of the ``(block_q, block_kv)`` tiles.
 
-    ``parts`` come from :func:`_mask_parts`. A user ``block_mask`` must use
-    tiles of ``(block_q, block_kv)``, or of ``(k * block_q, block_kv)`` (each
-    finer tile inherits its parent's class, exact for empty and full tiles).
+    ``parts`` come from :func:`_mask_parts`. A user ``block_mask`` (from
+    :func:`~attnax.block_mask.create_block_mask`, so that its mask mod agrees
+    with its classes) with tiles of ``(k * block_q, block_kv)`` lends its
+    classes (each finer tile inherits its parent's, exact for empty and full
+    tiles); with other tiles its mask mod is classified at the kernel's tiles.
     """
+    fits = _block_mask_fits(block_mask, block_q, block_kv)
+    if block_mask is not None and not fits and block_mask.mask_mod is None:
+        raise ValueError(
+            f"`block_mask` has block_size {block_mask.block_size} and no mask_mod; this kernel's tiles are "
+            f"({block_q}, {block_kv}): build it with create_block_mask(..., block_size=(128, {block_kv}))."
+        )
     classes = None
-    mask_fn = _classified_masks(parts)
+    mask_fn = _classified_masks(parts, fits)
     if mask_fn is not None:
         dep_b, dep_h = _depends_on(mask_fn, dims.B, dims.H)
         if jnp.ndim(q_offset):
@@ -136,14 +153,8 @@ def tile_classes(parts, block_mask, dims, q_offset, block_q: int, block_kv: int)
             block_size=(block_q, block_kv), q_offset=q_offset,
         )  # fmt: skip
         classes = bm.block_classes
-    if block_mask is not None:
-        ubq, ubkv = block_mask.block_size
-        if ubkv != block_kv or ubq % block_q:
-            raise ValueError(
-                f"`block_mask` has block_size {block_mask.block_size}; this kernel's tiles are "
-                f"({2 * block_q if ubq < block_q else block_q}, {block_kv}): build it with "
-                f"create_block_mask(..., block_size=(128, {block_kv}))."
-            )
+    if fits:
+        ubq = block_mask.block_size[0]
         other = jnp.repeat(block_mask.block_classes, ubq // block_q, axis=2)[:, :, : -(-dims.T // block_q)]
         classes = other if classes is None else jnp.minimum(classes, other)
     return classes

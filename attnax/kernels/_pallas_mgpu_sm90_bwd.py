@@ -73,7 +73,12 @@ def _tile_scores(s, transform, mask_fn, need_mask, is_partial, b, h, q_idx, kv_i
     ctx_box[0] = ctx
     vjp = None
     if transform is not None:
-        s, vjp = jax.vjp(lambda x: transform(x, b, h, q_idx, kv_idx).astype(jnp.float32), s)
+        # Score mods are elementwise in the score (the protocol), so their VJP is
+        # a product with d transform / d score. A forward-mode JVP gets it: JVP
+        # passes the mod's loads of its array leaves (which have no derivative
+        # rules in Mosaic GPU) through untouched, where linearize would not.
+        s, slope = jax.jvp(lambda x: transform(x, b, h, q_idx, kv_idx).astype(jnp.float32), (s,), (jnp.ones_like(s),))
+        vjp = lambda ds: (ds * slope,)  # noqa: E731
     if need_mask and mask_fn is not None:
         s = lax.cond(is_partial, lambda s: jnp.where(mask_fn(b, h, q_idx, kv_idx), s, -jnp.inf), lambda s: s, s)
     return s, vjp
