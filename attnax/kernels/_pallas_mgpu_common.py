@@ -268,8 +268,8 @@ def flatten_mods(mods, pad: int):
     """Splits mod pytrees into kernel operands and a builder for the kernel side.
 
     Every array leaf becomes a kernel operand. Each dimension longer than 1 is
-    padded by ``pad`` so a tile that overhangs the sequence end reads padding,
-    not out-of-bounds memory. 0-d leaves are passed as shape ``(1,)`` and read
+    padded by at least ``pad`` (to a multiple of 8) so a tile that overhangs
+    the sequence end reads padding, not out-of-bounds memory. 0-d leaves are passed as shape ``(1,)`` and read
     as scalars.
 
     Returns:
@@ -286,7 +286,9 @@ def flatten_mods(mods, pad: int):
             operands.append(x.reshape(1))
             kinds.append("scalar")
         else:
-            widths = [(0, pad if n > 1 else 0) for n in x.shape]
+            # Rounding every padded length up to a multiple of 8 keeps row
+            # strides aligned for the vectorised loads of 2-D tiles.
+            widths = [(0, -(-(n + pad) // 8) * 8 - n if n > 1 else 0) for n in x.shape]
             operands.append(jnp.pad(x, widths))
             kinds.append("array")
 
