@@ -202,42 +202,7 @@ def create_block_mask(mask_mod, B, H, T: int, S: int, *, block_size=128, q_offse
     bq, bkv = _block_size_pair(block_size)
     Bn, Hn = B or 1, H or 1
     q_offset = check_q_offset(q_offset, Bn)
-    nq, nk = -(-T // bq), -(-S // bkv)
-    kv_idx = jnp.arange(nk * bkv, dtype=jnp.int32)
-    b, h, _, _ = grid_indices(Bn, Hn, 1, 1)
-    q_off = jnp.asarray(q_offset, jnp.int32)
-    q_off = q_off.reshape(-1, 1, 1, 1) if q_off.ndim else q_off
-
-    def classify(i):
-        q_local = i * bq + jnp.arange(bq, dtype=jnp.int32)
-        q_idx = q_local[None, None, :, None] + q_off
-        in_range = (q_local[:, None] < T) & (kv_idx[None, :] < S)
-        vis = jnp.broadcast_to(mask_mod(b, h, q_idx, kv_idx[None, None, None, :]), (Bn, Hn, bq, nk * bkv))
-        vis = vis & in_range[None, None]
-        vis = vis.reshape(Bn, Hn, bq, nk, bkv)
-        rng = in_range.reshape(bq, nk, bkv)
-        any_ = jnp.any(vis, axis=(2, 4))
-        all_ = jnp.all(jnp.logical_or(vis, ~rng[None, None]), axis=(2, 4))
-        return jnp.where(any_, jnp.where(all_, FULL, PARTIAL), EMPTY).astype(jnp.int8)
-
-    # Mods that know their tiles' classes from position ranges (causal,
-    # windows, prefix-LM, documents) skip the element-by-element evaluation.
-    q_lo = (jnp.arange(nq, dtype=jnp.int32) * bq).reshape(1, 1, nq, 1)
-    kv_lo = jnp.arange(nk, dtype=jnp.int32) * bkv
-    tiles = TileRanges(
-        q_lo=q_lo + q_off,
-        q_hi=jnp.minimum(q_lo + bq, T) - 1 + q_off,
-        kv_lo=kv_lo.reshape(1, 1, 1, nk),
-        kv_hi=(jnp.minimum(kv_lo + bkv, S) - 1).reshape(1, 1, 1, nk),
-        block_q=bq,
-        block_kv=bkv,
-    )
-    classes = mask_block_classes(mask_mod, b, h, tiles)
-    if classes is not None:
-        classes = jnp.broadcast_to(classes, (Bn, Hn, nq, nk)).astype(jnp.int8)
-    else:
-        classes = jax.lax.map(classify, jnp.arange(nq))  # [nq, B, H, nk]
-        classes = jnp.moveaxis(classes, 0, 2)  # [B, H, nq, nk]
+    classes = classify_tiles(mask_mod, Bn, Hn, T, S, bq, bkv, q_offset)
     kv_n, kv_i = _sorted_indices(classes == PARTIAL)
     fkv_n, fkv_i = _sorted_indices(classes == FULL)
     t = jnp.swapaxes(classes, 2, 3)
@@ -249,3 +214,49 @@ def create_block_mask(mask_mod, B, H, T: int, S: int, *, block_size=128, q_offse
         block_classes=classes, mask_mod=mask_mod, q_offset=q_offset,
         block_size=(bq, bkv), seq_lengths=(T, S),
     )  # fmt: skip
+
+
+def classify_tiles(mask_mod, B: int, H: int, T: int, S: int, bq: int, bkv: int, q_offset=0, kv_offset=0):
+    """int8 classes ``[B, H, nq, nk]`` of the ``(bq, bkv)`` tiles of a mask mod.
+
+    What :func:`create_block_mask` computes, without the index lists; kernels
+    call it directly. ``kv_offset`` (a scalar, possibly traced) is the
+    absolute position of key 0; positions past ``T``/``S`` count as hidden.
+    Mods with ``block_classes`` (causal, windows, prefix-LM, documents) are
+    classified from tile ranges, others element by element, one query block
+    at a time (memory ``O(B H bq S)``).
+    """
+    nq, nk = -(-T // bq), -(-S // bkv)
+    kv_off = jnp.asarray(kv_offset, jnp.int32)
+    kv_local = jnp.arange(nk * bkv, dtype=jnp.int32)
+    b, h, _, _ = grid_indices(B, H, 1, 1)
+    q_off = jnp.asarray(q_offset, jnp.int32)
+    q_off = q_off.reshape(-1, 1, 1, 1) if q_off.ndim else q_off
+
+    def classify(i):
+        q_local = i * bq + jnp.arange(bq, dtype=jnp.int32)
+        q_idx = q_local[None, None, :, None] + q_off
+        in_range = (q_local[:, None] < T) & (kv_local[None, :] < S)
+        vis = mask_mod(b, h, q_idx, (kv_local + kv_off)[None, None, None, :])
+        vis = jnp.broadcast_to(vis, (B, H, bq, nk * bkv)) & in_range[None, None]
+        vis = vis.reshape(B, H, bq, nk, bkv)
+        rng = in_range.reshape(bq, nk, bkv)
+        any_ = jnp.any(vis, axis=(2, 4))
+        all_ = jnp.all(jnp.logical_or(vis, ~rng[None, None]), axis=(2, 4))
+        return jnp.where(any_, jnp.where(all_, FULL, PARTIAL), EMPTY).astype(jnp.int8)
+
+    q_lo = (jnp.arange(nq, dtype=jnp.int32) * bq).reshape(1, 1, nq, 1)
+    kv_lo = jnp.arange(nk, dtype=jnp.int32) * bkv
+    tiles = TileRanges(
+        q_lo=q_lo + q_off,
+        q_hi=jnp.minimum(q_lo + bq, T) - 1 + q_off,
+        kv_lo=kv_lo.reshape(1, 1, 1, nk) + kv_off,
+        kv_hi=(jnp.minimum(kv_lo + bkv, S) - 1).reshape(1, 1, 1, nk) + kv_off,
+        block_q=bq,
+        block_kv=bkv,
+    )
+    classes = mask_block_classes(mask_mod, b, h, tiles)
+    if classes is not None:
+        return jnp.broadcast_to(classes, (B, H, nq, nk)).astype(jnp.int8)
+    classes = jax.lax.map(classify, jnp.arange(nq))  # [nq, B, H, nk]
+    return jnp.moveaxis(classes, 0, 2)  # [B, H, nq, nk]

@@ -64,9 +64,26 @@ def _interpret_subset(request):
         pytest.skip("slow in GPU interpret mode; runs compiled on GPU (gpu marker) or with ATTNAX_PALLAS_FULL=1")
 
 
+# One or two cases per mod group in CI (about 25 s each interpreted): per-batch
+# offsets and prefix lengths, a two-sided window with an offset, a 1-D leaf
+# (ALiBi slopes), a 2-D leaf (a full bias: the backward's transposed twin),
+# per-batch document ids for queries and keys, plain-callable masks combined,
+# and a block mask with a mask mod. The GPU class and ATTNAX_PALLAS_FULL=1 run all.
+_CI_MOD_CASES = {
+    "masks": ["causal_per_batch_offset", "prefix_lm_per_batch"],
+    "windows": ["window_left_right"],
+    "score_rewrites": ["alibi", "additive_bias"],
+    "documents": ["document_kv_segments"],
+    "compositions": ["mask_mod_or", "mask_mod_plus_score_mod"],
+    "block_mask": ["block_mask_with_offset_and_mask_mod"],
+}
+
+
 class TestPallasInterpret(_PallasCases):
     kernel = staticmethod(pallas_flash_attention)
     kernel_options = {"interpret": True}
+    mod_shape = (2, 2, 1, 19, 27, 8)  # B = 2 for the per-batch cases; fewer heads to interpret
+    mod_case_subset = None if os.environ.get("ATTNAX_PALLAS_FULL") else _CI_MOD_CASES
 
 
 @pytest.mark.gpu

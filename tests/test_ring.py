@@ -325,3 +325,46 @@ def test_errors(mesh):
                        dropout_rng=jax.random.key(0), deterministic=False)  # fmt: skip
     with pytest.raises(ValueError, match="multiple of 2"):
         zigzag_permutation(60, N)
+
+
+def test_pallas_inner_one_device():
+    """The Pallas kernel as the inner kernel: blocks at absolute q/kv offsets, merged by the ring.
+
+    One device: GPU interpret mode simulates one kernel at a time (concurrent
+    kernels on several fake devices deadlock in its shared-memory simulation),
+    and the GPU machine has one GPU. The zig-zag layout still splits the
+    sequence into two chunks, so blocks run with nonzero key offsets and the
+    ALiBi and document mods read their leaves at global positions.
+    """
+    from jax.sharding import Mesh
+
+    mesh1 = Mesh(np.array(jax.devices()[:1]), ("sp",))
+    interpret = jax.default_backend() != "gpu"
+    B, H, T, D = 1, 2, 96, 16
+    k0, k1, k2 = jax.random.split(jax.random.key(30), 3)
+    q, k, v = (jax.random.normal(kk, (B, H, T, D), jnp.bfloat16) for kk in (k0, k1, k2))
+    ids = jnp.asarray(np.repeat([0, 1, 2], [30, 40, 26]))
+    mod = compose_score_mods(causal_mod(), alibi_mod(H), document_mask_mod(ids))
+    opts = {"interpret": True} if interpret else {}
+    ring = lambda q, k, v: ring_attention(q, k, v, mesh=mesh1, seq_axis="sp", score_mod=mod, inner="pallas",
+                                          return_lse=True, **opts)  # fmt: skip
+    ref = lambda q, k, v: attention_reference(q, k, v, score_mod=mod, return_lse=True)
+    up = lambda x: x.astype(jnp.float64)
+    (out, lse), vjp = jax.vjp(jax.jit(ring), q, k, v)
+    (out_r, lse_r), vjp_r = jax.vjp(ref, *map(up, (q, k, v)))
+    ct = jax.random.normal(jax.random.key(31), out.shape, jnp.float32)
+    got = vjp((ct.astype(out.dtype), jnp.zeros_like(lse)))
+    want = vjp_r((up(ct), jnp.zeros_like(lse_r)))
+    np.testing.assert_allclose(up(out), out_r, atol=2e-2, rtol=0)
+    np.testing.assert_allclose(lse, lse_r, atol=1e-3, rtol=0)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(up(g), w, atol=6e-2, rtol=0)
+    # Explicit limits of the Pallas inner kernel: no gradients to mod leaves, no vma-checked shard_map.
+    with pytest.raises(NotImplementedError, match="inner='memory_efficient'"):
+        jax.grad(lambda s: ring_attention(q, k, v, mesh=mesh1, seq_axis="sp", score_mod=alibi_mod(slopes=s),
+                                          inner="pallas", **opts).astype(jnp.float32).sum())(jnp.ones(H))  # fmt: skip
+    with pytest.raises(NotImplementedError, match="check_vma=False"):
+        jax.shard_map(lambda q: ring_attention(q, q, q, axis_name="sp", inner="pallas", **opts), mesh=mesh1,
+                      in_specs=SEQ, out_specs=SEQ)(q)  # fmt: skip
+    with pytest.raises(ValueError, match="interpret"):
+        ring_attention(q, k, v, mesh=mesh1, seq_axis="sp", inner="memory_efficient", interpret=True)

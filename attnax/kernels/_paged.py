@@ -278,7 +278,7 @@ def _pallas_paged(query, k_pages, v_pages, tables, lengths, score_mod, mask_mod,
     lists = visit_lists(mask_fn, dims, lengths, bkv, m_dep) if mask_fn is not None else None
 
     mods = (score_mod if transform is not None else None, parts)
-    operands, build = common.flatten_mods(mods, pad=max(_ROWS, bkv))
+    operands, build = common.flatten_mods(mods, pad=max(_ROWS, bkv), probe=common.exercise_mods(mask_of))
 
     def build_mods(refs, ctx_getter):
         smod, kparts = build(refs, ctx_getter)

@@ -13,11 +13,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attnax._validation import check_attention_args, check_kernel_options
-from attnax.block_mask import EMPTY, FULL, PARTIAL, create_block_mask
+from attnax._validation import AttentionDims, check_attention_args, check_kernel_options
+from attnax.block_mask import EMPTY, FULL, PARTIAL, classify_tiles
 from attnax.kernels import _pallas_mgpu_common as common
 from attnax.kernels import _pallas_mgpu_sm90 as sm90
 from attnax.kernels import _pallas_mgpu_sm90_bwd as sm90_bwd
+from attnax.kernels._tiles import diff_leaves
 from attnax.score_mods._base import _as_mask_mod, _as_score_mod, and_masks
 
 __all__ = ["PallasFlashConfig", "pallas_flash_attention"]
@@ -127,7 +128,7 @@ def _block_mask_fits(block_mask, block_q: int, block_kv: int) -> bool:
     return ubkv == block_kv and ubq % block_q == 0
 
 
-def tile_classes(parts, block_mask, dims, q_offset, block_q: int, block_kv: int):
+def tile_classes(parts, block_mask, dims, q_offset, block_q: int, block_kv: int, kv_offset=0):
     """int8 classes ``[Bm, Hm, nq, nk]`` of the ``(block_q, block_kv)`` tiles.
 
     ``parts`` come from :func:`_mask_parts`. A user ``block_mask`` (from
@@ -148,11 +149,10 @@ def tile_classes(parts, block_mask, dims, q_offset, block_q: int, block_kv: int)
         dep_b, dep_h = _depends_on(mask_fn, dims.B, dims.H)
         if jnp.ndim(q_offset):
             dep_b = True
-        bm = create_block_mask(
-            mask_fn, dims.B if dep_b else None, dims.H if dep_h else None, dims.T, dims.S,
-            block_size=(block_q, block_kv), q_offset=q_offset,
+        classes = classify_tiles(
+            _as_mask_mod(mask_fn), dims.B if dep_b else 1, dims.H if dep_h else 1, dims.T, dims.S, block_q, block_kv,
+            q_offset, kv_offset,
         )  # fmt: skip
-        classes = bm.block_classes
     if fits:
         ubq = block_mask.block_size[0]
         other = jnp.repeat(block_mask.block_classes, ubq // block_q, axis=2)[:, :, : -(-dims.T // block_q)]
@@ -205,20 +205,22 @@ class _Prepared:
     sparse: bool
     Tp: int
     Sp: int
-    q_off: object
+    offsets: object  # int32 [2B]: the query offset of each batch row, then the key offset (repeated)
     operands: list
     build_mods: object
     pad: object  # pads (x, seq_len, head_dim) along axes 2 and 3
 
 
-def _prepare(q_offset, score_mod, mask_mod, block_mask, st: _Static) -> _Prepared:
+def _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, st: _Static) -> _Prepared:
     d, cfg = st.dims, st.config
     bq_cta = 2 * cfg.block_q
     parts = _mask_parts(score_mod, mask_mod, block_mask)
     mask_fn = _combine_masks(parts)
     has_transform = score_mod is not None and score_mod.has_transform
     mods = (score_mod if has_transform else None, parts)
-    operands, build = common.flatten_mods(mods, pad=max(bq_cta, cfg.block_kv))
+    operands, build = common.flatten_mods(
+        mods, pad=max(bq_cta, cfg.block_kv), probe=common.exercise_mods(_combine_masks)
+    )
 
     def build_mods(refs, ctx_getter):
         smod, kparts = build(refs, ctx_getter)
@@ -231,17 +233,22 @@ def _prepare(q_offset, score_mod, mask_mod, block_mask, st: _Static) -> _Prepare
         parts=parts, mask_fn=mask_fn, has_transform=has_transform,
         sparse=mask_fn is not None or block_mask is not None,
         Tp=_round_up(d.T, bq_cta), Sp=_round_up(d.S, cfg.block_kv),
-        q_off=jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (d.B,)),
+        offsets=jnp.concatenate([
+            jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (d.B,)),
+            jnp.broadcast_to(jnp.asarray(kv_offset, jnp.int32), (d.B,)),
+        ]),
         operands=operands, build_mods=build_mods, pad=pad,
     )  # fmt: skip
 
 
-def _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st: _Static):
+def _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st: _Static):
     d, cfg = st.dims, st.config
-    pr = _prepare(q_offset, score_mod, mask_mod, block_mask, st)
+    pr = _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, st)
     lists = None
     if pr.sparse:
-        classes = tile_classes(pr.parts, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv)
+        classes = tile_classes(
+            pr.parts, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv, kv_offset
+        )
         lists = kernel_tiles(classes, d.S % cfg.block_kv != 0)
     fst = sm90.FwdStatic(
         block_q=cfg.block_q, block_kv=cfg.block_kv, num_stages=cfg.num_stages, scale=st.scale, T=d.T, S=d.S,
@@ -250,7 +257,7 @@ def _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st: _Static):
     )  # fmt: skip
     interpret = common.interpret_params() if st.interpret else None
     out, lse = sm90.forward_kernel_call(
-        pr.pad(q, pr.Tp, d.D), pr.pad(k, pr.Sp, d.D), pr.pad(v, pr.Sp, d.Dv), pr.q_off, lists, pr.operands,
+        pr.pad(q, pr.Tp, d.D), pr.pad(k, pr.Sp, d.D), pr.pad(v, pr.Sp, d.Dv), pr.offsets, lists, pr.operands,
         pr.build_mods, fst, interpret,
     )  # fmt: skip
     return out[:, :, : d.T, : d.Dv], lse[:, :, : d.T]
@@ -262,13 +269,13 @@ def _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st: _Static):
 _BWD_BLOCK_Q, _BWD_BLOCK_KV, _BWD_STAGES = 64, 64, 2
 
 
-def _backward(q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse, dout, dlse, st: _Static):
+def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out, lse, dout, dlse, st: _Static):
     d, cfg = st.dims, st.config
     if d.D > 128 or d.Dv > 128:
         raise NotImplementedError(
             f"the pallas_flash_attention backward supports head dims up to 128 for now; got D={d.D}, Dv={d.Dv}."
         )
-    pr = _prepare(q_offset, score_mod, mask_mod, block_mask, st)
+    pr = _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, st)
     log2e = 1.4426950408889634
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     if dlse is not None:
@@ -281,21 +288,22 @@ def _backward(q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse, dout
     kp, vp = pr.pad(k, pr.Sp, d.D), pr.pad(v, pr.Sp, d.Dv)
     dq_lists = dkv_lists = None
     if pr.sparse:
-        classes = tile_classes(pr.parts, block_mask, d, _class_offset(q_offset, st), 2 * cfg.block_q, cfg.block_kv)
+        q_cls = _class_offset(q_offset, st)
+        classes = tile_classes(pr.parts, block_mask, d, q_cls, 2 * cfg.block_q, cfg.block_kv, kv_offset)
         dq_lists = kernel_tiles(classes, d.S % cfg.block_kv != 0)
-        classes_t = tile_classes(pr.parts, block_mask, d, _class_offset(q_offset, st), _BWD_BLOCK_Q, 2 * _BWD_BLOCK_KV)
+        classes_t = tile_classes(pr.parts, block_mask, d, q_cls, _BWD_BLOCK_Q, 2 * _BWD_BLOCK_KV, kv_offset)
         dkv_lists = kernel_tiles(jnp.swapaxes(classes_t, 2, 3), False)
     common_static = dict(
         scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,
         has_mask=pr.mask_fn is not None, sparse=pr.sparse, interpret=st.interpret, num_stages=_BWD_STAGES,
     )  # fmt: skip
-    args = (qp, kp, vp, dop, lse2, delta, pr.q_off)
+    args = (qp, kp, vp, dop, lse2, delta, pr.offsets)
     dq = sm90_bwd.dq_kernel_call(
         *args, dq_lists, pr.operands, pr.build_mods,
         sm90_bwd.BwdStatic(block_q=cfg.block_q, block_kv=cfg.block_kv, **common_static),
     )  # fmt: skip
     dk, dv = sm90_bwd.dkv_kernel_call(
-        *args, dkv_lists, pr.operands, pr.build_mods,
+        *args, dkv_lists, pr.operands + common.transposed_twins(pr.operands), pr.build_mods,
         sm90_bwd.BwdStatic(block_q=_BWD_BLOCK_Q, block_kv=_BWD_BLOCK_KV, **common_static),
     )  # fmt: skip
     return dq[:, :, : d.T, : d.D], dk[:, :, : d.S, : d.D], dv[:, :, : d.S, : d.Dv]
@@ -310,37 +318,92 @@ def _perturbed(x) -> bool:
         x, is_leaf=lambda y: isinstance(y, jax.custom_derivatives.CustomVJPPrimal)))  # fmt: skip
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attention(q, k, v, q_offset, score_mod, mask_mod, block_mask, st):
-    return _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _attention(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st):
+    return _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st)
 
 
-def _attention_fwd(q, k, v, q_offset, score_mod, mask_mod, block_mask, st):
+def _attention_fwd(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st):
     if _perturbed((score_mod, mask_mod, block_mask)):
         raise NotImplementedError(
             "pallas_flash_attention does not differentiate with respect to the array leaves of its mods yet "
             "(a learnable bias or ALiBi slopes); use memory_efficient_attention for those gradients."
         )
-    q, k, v, q_offset = map(_value, (q, k, v, q_offset))
+    q, k, v, q_offset, kv_offset = map(_value, (q, k, v, q_offset, kv_offset))
     score_mod, mask_mod, block_mask = jax.tree_util.tree_map(
         _value, (score_mod, mask_mod, block_mask), is_leaf=lambda y: isinstance(y, jax.custom_derivatives.CustomVJPPrimal)
     )
-    out, lse = _forward(q, k, v, q_offset, score_mod, mask_mod, block_mask, st)
-    return (out, lse), (q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse)
+    out, lse = _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st)
+    return (out, lse), (q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out, lse)
 
 
 def _attention_bwd(st, res, cts):
-    q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse = res
+    q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out, lse = res
     dout, dlse = cts
     if isinstance(dout, jax.custom_derivatives.SymbolicZero):
         dout = jnp.zeros(out.shape, out.dtype)
     if isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         dlse = None
-    dq, dk, dv = _backward(q, k, v, q_offset, score_mod, mask_mod, block_mask, out, lse, dout, dlse, st)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out, lse, dout, dlse, st)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
+
+
+# -- the block interface of ring attention ----------------------------------------
+# ``forward``/``backward`` take the memory-efficient kernel's signatures (see
+# :mod:`attnax.kernels._ring`): one block of a longer sequence, with absolute
+# ``q_offset``/``kv_offset``, and a backward that takes the global LSE.
+
+#: Ring attention asks before differentiating mod leaves through this kernel.
+differentiates_mod_leaves = False
+#: Mosaic GPU kernels keep the varying-axis types of their operands on their
+#: refs (jax 0.10), so loop carries inside them mismatch under ``check_vma``:
+#: ring attention runs its ``shard_map`` with ``check_vma=False`` for them.
+traces_with_vma = False
+
+
+def _block_static(q, k, v, extras, static, interpret: bool) -> _Static:
+    why = pallas_unsupported_reason(
+        q, k, v, mask=extras.mask, dropout_rate=static.dropout_rate, deterministic=extras.seed is None,
+        interpret=interpret,
+    )  # fmt: skip
+    if why is None and extras.block_mask is not None:
+        why = "ring blocks take their masks from mods, not a block_mask"
+    if why is not None:
+        raise NotImplementedError(f"ring attention with inner='pallas' cannot serve these arguments: {why}")
+    B, H, T, D = q.shape
+    _, Hk, S, Dv = v.shape
+    dims = AttentionDims(B=B, H=H, Hk=Hk, T=T, S=S, D=D, Dv=Dv)
+    return _Static(scale=static.scale, config=default_config(D), interpret=interpret, dims=dims, q_offset=None)
+
+
+def forward(q, k, v, extras, static, *, interpret: bool | None = None):
+    """One ring block: ``(out, lse)`` of ``q`` against ``k, v`` at absolute offsets."""
+    interpret = not _on_gpu() if interpret is None else interpret
+    st = _block_static(q, k, v, extras, static, interpret)
+    smod = None if extras.score_mod is None else _as_score_mod(extras.score_mod)
+    mmod = None if extras.mask_mod is None else _as_mask_mod(extras.mask_mod)
+    q_off = jnp.broadcast_to(jnp.asarray(extras.q_offset, jnp.int32), (q.shape[0],))
+    return _forward(q, k, v, q_off, extras.kv_offset, smod, mmod, None, st)
+
+
+def backward(q, k, v, extras, static, out, lse, dout, dlse=None, *, interpret: bool | None = None):
+    """The block's ``(dq, dk, dv, dmod)``; ``lse``/``out`` are the global ones.
+
+    ``dmod`` holds zeros for the score mod's inexact leaves: this kernel does
+    not differentiate them (ring attention checks first, see
+    :data:`differentiates_mod_leaves`).
+    """
+    interpret = not _on_gpu() if interpret is None else interpret
+    st = _block_static(q, k, v, extras, static, interpret)
+    smod = None if extras.score_mod is None else _as_score_mod(extras.score_mod)
+    mmod = None if extras.mask_mod is None else _as_mask_mod(extras.mask_mod)
+    q_off = jnp.broadcast_to(jnp.asarray(extras.q_offset, jnp.int32), (q.shape[0],))
+    dq, dk, dv = _backward(q, k, v, q_off, extras.kv_offset, smod, mmod, None, out, lse, dout, dlse, st)
+    leaves, _ = diff_leaves(extras.score_mod)
+    return dq, dk, dv, [jnp.zeros(jnp.shape(x), x.dtype) for x in leaves]
 
 
 def _on_gpu() -> bool:
@@ -449,5 +512,5 @@ def pallas_flash_attention(
     smod = None if score_mod is None else _as_score_mod(score_mod)
     mmod = None if mask_mod is None else _as_mask_mod(mask_mod)
     q_offset = jnp.broadcast_to(jnp.asarray(args.q_offset, jnp.int32), (d.B,))
-    out, lse = _attention(query, key, value, q_offset, smod, mmod, block_mask, st)
+    out, lse = _attention(query, key, value, q_offset, jnp.int32(0), smod, mmod, block_mask, st)
     return (out, lse) if return_lse else out

@@ -55,11 +55,6 @@ class Lowering:
     def load(self, ref, layout):
         return ref[...] if self.interpret else plgpu.load(ref, (), layout=layout, optimized=False)
 
-    def load_transposed(self, ref, layout):
-        if self.interpret:
-            return ref[...].T
-        return plgpu.load(plgpu.transpose_ref(ref, (1, 0)), (), layout=layout, optimized=False)
-
     # GPU interpret mode (jax 0.10) models wgmma only with both operands in
     # shared memory and B untransposed. Interpreted, the two products below are
     # plain dots of the same shared-memory tiles; barriers, TMA copies and the
@@ -119,13 +114,41 @@ class TileContext:
     lowering: Lowering
     q_axis: int = 0
     q_layout: str = "contiguous"
+    tape: "LoadTape | None" = None
+
+
+class LoadTape:
+    """Leaf loads of one mod call, recorded and then replayed.
+
+    Mosaic GPU's loads from refs have no differentiation rules, and JAX's
+    forward mode does not pass primitives that read refs through untouched.
+    The backward kernels therefore call a score mod twice per tile: once
+    recording the values its leaves load, then under ``jax.jvp`` replaying
+    them (plain values, constants to the JVP). A mod is deterministic Python,
+    so both calls index its leaves in the same order.
+    """
+
+    def __init__(self):
+        self.values: list = []
+        self.replaying = False
+        self._next = 0
+
+    def replay(self):
+        self.replaying, self._next = True, 0
+
+    def take(self):
+        if self._next >= len(self.values):
+            raise RuntimeError("a score mod indexed its array leaves differently in two calls on the same tile.")
+        self._next += 1
+        return self.values[self._next - 1]
 
 
 class TileOperand:
     """A mod's array leaf inside a kernel: a global-memory ref with a view."""
 
-    def __init__(self, ref, ctx_getter):
+    def __init__(self, ref, ctx_getter, twin=None):
         self._ref = ref
+        self._twin = twin  # the leaf with its last two axes swapped (transposed tiles), or None
         self._ctx = ctx_getter
         self.shape = tuple(ref.shape)
         self.ndim = len(self.shape)
@@ -133,6 +156,14 @@ class TileOperand:
 
     def __getitem__(self, idx):
         ctx: TileContext = self._ctx()
+        if ctx.tape is not None and ctx.tape.replaying:
+            return ctx.tape.take()
+        value = self._load(ctx, idx)
+        if ctx.tape is not None:
+            ctx.tape.values.append(value)
+        return value
+
+    def _load(self, ctx: TileContext, idx):
         if not isinstance(idx, tuple):
             idx = (idx,)
         if len(idx) != self.ndim:
@@ -174,7 +205,15 @@ class TileOperand:
                 raise NotImplementedError("index a 2-D leaf as [..., q_idx, ..., kv_idx] (query dimension first).")
             if ctx.q_axis == 0:
                 return low.load(self._ref.at[ref_idx], WGMMA)
-            return low.load_transposed(self._ref.at[ref_idx], WGMMA)
+            # A [keys, queries] tile: read from the leaf's transposed twin, whose
+            # kv axis comes first, so the load stays contiguous along the tile's
+            # rows (Mosaic GPU cannot vectorise a transposed global-memory load).
+            if self._twin is None or not (idx[-2] is ctx.q_idx and idx[-1] is ctx.kv_idx):
+                raise NotImplementedError(
+                    "in the Pallas backward, a mod that reads a tile of an array leaf must index its last two "
+                    "axes by q_idx and kv_idx, as leaf[..., q_idx, kv_idx]."
+                )
+            return low.load(self._twin.at[(*ref_idx[:-2], ref_idx[-1], ref_idx[-2])], WGMMA)
         # A vector along one tile axis, broadcast along the other.
         axis = ctx.q_axis if q_dim is not None else 1 - ctx.q_axis
         v = low.load(self._ref.at[ref_idx], WGMMA_ROW if axis == 0 else WGMMA_COL)
@@ -264,36 +303,107 @@ def drain_ring(free_barriers, n_steps, stages: int):
             plgpu.barrier_wait(bar.at[slot])
 
 
-def flatten_mods(mods, pad: int):
+class _ProbeOperand:
+    """A leaf during :func:`flatten_mods`' probe: records the axes indexed by positions."""
+
+    def __init__(self, x, ctx, used: set):
+        self.shape, self.ndim, self.dtype = x.shape, x.ndim, x.dtype
+        self._ctx, self._used = ctx, used
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        q_idx, kv_idx = self._ctx
+        positional = False
+        for d, i in enumerate(idx):
+            if i is q_idx or i is kv_idx:
+                self._used.add(d)
+                positional = True
+            elif jnp.ndim(i) != 0:
+                raise NotImplementedError(
+                    "inside a Pallas kernel a mod may index its array leaves only by scalars (b, h) and by the "
+                    "q_idx / kv_idx arrays it was given, unchanged; compute with the loaded values instead."
+                )
+        return jnp.zeros(q_idx.shape if positional else (), self.dtype)
+
+
+def exercise_mods(mask_of):
+    """A probe for :func:`flatten_mods` of ``(score mod or None, mask parts)`` pytrees."""
+
+    def run(mods, b, h, q_idx, kv_idx):
+        smod, parts = mods
+        outs = []
+        if smod is not None:
+            outs.append(smod.transform(jnp.zeros(q_idx.shape, jnp.float32), b, h, q_idx, kv_idx))
+        mask_fn = mask_of(parts)
+        if mask_fn is not None:
+            outs.append(mask_fn(b, h, q_idx, kv_idx))
+        return outs
+
+    return run
+
+
+def flatten_mods(mods, pad: int, probe=None):
     """Splits mod pytrees into kernel operands and a builder for the kernel side.
 
-    Every array leaf becomes a kernel operand. Each dimension longer than 1 is
-    padded by at least ``pad`` (to a multiple of 8) so a tile that overhangs
-    the sequence end reads padding, not out-of-bounds memory. 0-d leaves are passed as shape ``(1,)`` and read
-    as scalars.
+    Every array leaf becomes a kernel operand. ``probe(mods, b, h, q_idx,
+    kv_idx)`` calls the mods once, abstractly, to find the axes of each leaf
+    that are indexed by positions: those are padded by at least ``pad`` (to a
+    multiple of 8, which keeps row strides aligned for vectorised tile loads)
+    so that a tile overhanging the sequence end reads padding, not
+    out-of-bounds memory; batch and head axes stay as they are. 0-d leaves
+    are passed as shape ``(1,)`` and read as scalars.
 
     Returns:
         ``(operands, build)``: ``build(refs, ctx_getter)`` returns the mods with
-        their leaves replaced by :class:`TileOperand` s (or scalars).
+        their leaves replaced by :class:`TileOperand` s (or scalars). Kernels
+        that score transposed tiles pass ``operands + transposed_twins(operands)``
+        and hand all their refs to ``build``.
     """
     leaves, treedef = jax.tree_util.tree_flatten(mods)
+    arrays = [jnp.asarray(x) for x in leaves]
+    arrays = [x.astype(jnp.int32) if x.dtype == jnp.bool_ else x for x in arrays]
+    used = [set() for _ in arrays]
+    if probe is not None:
+
+        def run(b, h, q_idx, kv_idx):
+            ctx = (q_idx, kv_idx)
+            new = [x if x.ndim == 0 else _ProbeOperand(x, ctx, u) for x, u in zip(arrays, used)]
+            return probe(jax.tree_util.tree_unflatten(treedef, new), b, h, q_idx, kv_idx)
+
+        i32 = jax.ShapeDtypeStruct
+        jax.eval_shape(run, i32((), jnp.int32), i32((), jnp.int32), i32((8, 8), jnp.int32), i32((8, 8), jnp.int32))
     operands, kinds = [], []
-    for x in leaves:
-        x = jnp.asarray(x)
-        if x.dtype == jnp.bool_:
-            x = x.astype(jnp.int32)
+    for x, u in zip(arrays, used):
         if x.ndim == 0:
             operands.append(x.reshape(1))
             kinds.append("scalar")
         else:
-            # Rounding every padded length up to a multiple of 8 keeps row
-            # strides aligned for the vectorised loads of 2-D tiles.
-            widths = [(0, -(-(n + pad) // 8) * 8 - n if n > 1 else 0) for n in x.shape]
+            widths = [(0, -(-(n + pad) // 8) * 8 - n if d in u else 0) for d, n in enumerate(x.shape)]
             operands.append(jnp.pad(x, widths))
             kinds.append("array")
 
     def build(refs, ctx_getter):
-        new = [ref[0] if kind == "scalar" else TileOperand(ref, ctx_getter) for ref, kind in zip(refs, kinds)]
+        refs = list(refs)
+        main, rest = refs[: len(kinds)], iter(refs[len(kinds) :])
+        twins = [next(rest, None) if _has_twin(op) else None for op in operands]
+        new = [
+            ref[0] if kind == "scalar" else TileOperand(ref, ctx_getter, twin)
+            for ref, kind, twin in zip(main, kinds, twins)
+        ]
         return jax.tree_util.tree_unflatten(treedef, new)
 
     return operands, build
+
+
+def _has_twin(operand) -> bool:
+    return operand.ndim >= 2 and operand.shape[-1] > 1 and operand.shape[-2] > 1
+
+
+def transposed_twins(operands):
+    """Copies of the operands that may hold ``[..., q, kv]`` tiles, with the last two axes swapped.
+
+    Backward kernels that score ``[keys, queries]`` tiles read 2-D tiles of a
+    leaf from its twin, row-contiguous (an ``O(size)`` copy per backward,
+    made only for leaves with two non-trivial trailing axes).
+    """
+    return [jnp.swapaxes(op, -1, -2) for op in operands if _has_twin(op)]

@@ -58,7 +58,7 @@ class FwdStatic:
 
 
 def forward_kernel_call(
-    q, k, v, q_offset, lists, mod_operands, build_mods: Callable, st: FwdStatic, interpret: Any = None
+    q, k, v, offsets, lists, mod_operands, build_mods: Callable, st: FwdStatic, interpret: Any = None
 ):
     """Runs the forward kernel.
 
@@ -66,7 +66,8 @@ def forward_kernel_call(
         q: ``[B, H, Tp, D]`` with ``Tp`` a multiple of ``2 * block_q``.
         k, v: ``[B, Hk, Sp, D]``, ``[B, Hk, Sp, Dv]`` with ``Sp`` a multiple of
             ``block_kv``.
-        q_offset: int32 ``[B]``.
+        offsets: int32 ``[2B]``: each batch row's query offset, then its key
+            offset (the absolute position of key 0).
         lists: ``(classes, bounds)`` from ``kernel_tiles``: int32 tile classes
             ``[Bm, Hm, nq, nk]`` and the ``[lo, hi)`` range of non-empty kv
             tiles per query tile ``[Bm, Hm, nq, 2]`` (``Bm``/``Hm`` 1 or full).
@@ -117,6 +118,7 @@ def forward_kernel_call(
             lse_smem = lse_smem2.at[wg]
             q_row0 = qi * (2 * bq) + wg * bq
             q_start = qoff_ref[b] + q_row0
+            kv_off = qoff_ref[B + b]
             plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_row0, bq)], q_smem, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             ctx_box = [None]
@@ -135,7 +137,7 @@ def forward_kernel_call(
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = s * st.scale
                 if st.has_transform or need_mask:
-                    kv_start = j * bkv
+                    kv_start = kv_off + j * bkv
                     q_idx = q_start + low.iota((bq, bkv), 0)
                     kv_idx = kv_start + low.iota((bq, bkv), 1)
                     ctx_box[0] = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
@@ -146,7 +148,7 @@ def forward_kernel_call(
                         def apply_mask(s):
                             vis = mask_fn(b, h, q_idx, kv_idx) if st.has_mask else None
                             if st.mask_tail:
-                                tail = kv_idx < st.S
+                                tail = kv_idx < kv_off + st.S
                                 vis = tail if vis is None else jnp.logical_and(vis, tail)
                             return jnp.where(vis, s, -jnp.inf)
 
@@ -234,4 +236,4 @@ def forward_kernel_call(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **kwargs,
-    )(q, k, v, q_offset, *lists, *mod_operands)
+    )(q, k, v, offsets, *lists, *mod_operands)

@@ -30,6 +30,7 @@ from attnax.kernels._pallas_mgpu_common import (
     WGMMA_COL,
     WGMMA_ROW,
     Lowering,
+    LoadTape,
     TileContext,
     TileWalk,
     drain_ring,
@@ -74,17 +75,22 @@ def _tile_scores(s, transform, mask_fn, need_mask, is_partial, b, h, q_idx, kv_i
     vjp = None
     if transform is not None:
         # Score mods are elementwise in the score (the protocol), so their VJP is
-        # a product with d transform / d score. A forward-mode JVP gets it: JVP
-        # passes the mod's loads of its array leaves (which have no derivative
-        # rules in Mosaic GPU) through untouched, where linearize would not.
+        # a product with d transform / d score, which a forward-mode JVP gives.
+        # The mod's leaf loads (no derivative rules in Mosaic GPU) are recorded
+        # by a first call and replayed as constants inside the JVP; the first
+        # call's arithmetic is dead code.
+        ctx.tape = LoadTape()
+        transform(s, b, h, q_idx, kv_idx)
+        ctx.tape.replay()
         s, slope = jax.jvp(lambda x: transform(x, b, h, q_idx, kv_idx).astype(jnp.float32), (s,), (jnp.ones_like(s),))
+        ctx.tape = None
         vjp = lambda ds: (ds * slope,)  # noqa: E731
     if need_mask and mask_fn is not None:
         s = lax.cond(is_partial, lambda s: jnp.where(mask_fn(b, h, q_idx, kv_idx), s, -jnp.inf), lambda s: s, s)
     return s, vjp
 
 
-def dq_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, build_mods: Callable, st: BwdStatic):
+def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build_mods: Callable, st: BwdStatic):
     """dQ. ``lse2`` is the LSE in base 2 (``+inf`` on rows with nothing visible).
 
     Shapes as in the forward (``Tp`` a multiple of ``2 * block_q``, ``Sp`` of
@@ -123,6 +129,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, buil
             plgpu.set_max_registers(232, action="increase")
             row0 = qi * (2 * bq) + wg * bq
             q_start = qoff_ref[b] + row0
+            kv_off = qoff_ref[B + b]
             rows = pl.ds(row0, bq)
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
             srcs = (q_ref.at[b, h, rows], do_ref.at[b, h, rows], lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])
@@ -139,13 +146,13 @@ def dq_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, buil
 
             def step_body(j, t, is_partial, dq):
                 slot = lax.rem(t, jnp.int32(stages))
-                kv_start = j * bkv
+                kv_start = kv_off + j * bkv
                 plgpu.barrier_wait(k_bar.at[slot])
                 s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv)) * st.scale
                 q_idx = q_start + low.iota((bq, bkv), 0)
                 kv_idx = kv_start + low.iota((bq, bkv), 1)
                 ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
-                mask = _tail_mask(mask_fn, kv_idx, st.S if ragged else None)
+                mask = _tail_mask(mask_fn, kv_idx, kv_off + st.S if ragged else None)
                 s, vjp = _tile_scores(s, transform, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx)
                 p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -204,10 +211,10 @@ def dq_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, buil
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **kwargs,
-    )(q, k, v, do, lse2, delta, q_offset, *lists, *mod_operands)
+    )(q, k, v, do, lse2, delta, offsets, *lists, *mod_operands)
 
 
-def dkv_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, build_mods: Callable, st: BwdStatic):
+def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build_mods: Callable, st: BwdStatic):
     """dK and dV, summed over each kv head's query heads.
 
     ``lists``: ``(counts [Bm, Hm, nkt, 2], order [Bm, Hm, nkt, nqt])`` per kv
@@ -247,6 +254,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, bui
             plgpu.set_max_registers(232, action="increase")
             row0 = kt * (2 * bkv) + wg * bkv
             rows = pl.ds(row0, bkv)
+            kv_row0 = qoff_ref[B + b] + row0  # absolute position of the first key row
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
             plgpu.copy_gmem_to_smem(k_ref.at[b, hk, rows], k_smem, kv_bars[0].at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[b, hk, rows], v_smem, kv_bars[1].at[wg])
@@ -264,9 +272,9 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, bui
                 for bar in ready:
                     plgpu.barrier_wait(bar.at[slot])
                 s = low.matmul_nt(k_smem, q_smem.at[slot], (bkv, bq)) * st.scale  # keys x queries
-                kv_idx = row0 + low.iota((bkv, bq), 0)
+                kv_idx = kv_row0 + low.iota((bkv, bq), 0)
                 q_idx = q_start + low.iota((bkv, bq), 1)
-                ctx = TileContext(q_idx, kv_idx, q_start, row0, (bkv, bq), low, q_axis=1)
+                ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
                 s, vjp = _tile_scores(s, transform, mask_fn, st.has_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx)
                 lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                 delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
@@ -341,7 +349,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, q_offset, lists, mod_operands, bui
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **kwargs,
-    )(q, k, v, do, lse2, delta, q_offset, *lists, *mod_operands)
+    )(q, k, v, do, lse2, delta, offsets, *lists, *mod_operands)
 
 
 def _interpret() -> Any:

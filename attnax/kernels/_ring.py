@@ -41,17 +41,47 @@ INNER_KERNELS = {
 }
 
 
-def _resolve_inner(inner):
-    """``inner=`` as an object with ``forward``/``backward``; None picks by platform."""
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    """An inner kernel module with keyword options bound (hashable: part of the static config)."""
+
+    module: Any
+    options: tuple = ()
+
+    @property
+    def differentiates_mod_leaves(self) -> bool:
+        return getattr(self.module, "differentiates_mod_leaves", True)
+
+    @property
+    def traces_with_vma(self) -> bool:
+        """False for kernels that fail on varying-axis types inside ``shard_map``."""
+        return getattr(self.module, "traces_with_vma", True)
+
+    def forward(self, *args):
+        return self.module.forward(*args, **dict(self.options))
+
+    def backward(self, *args):
+        return self.module.backward(*args, **dict(self.options))
+
+
+def _pallas_serves(query, key, value, dropout_rate) -> bool:
+    from attnax.kernels._pallas import pallas_unsupported_reason
+
+    return pallas_unsupported_reason(query, key, value, dropout_rate=dropout_rate, deterministic=False) is None
+
+
+def _resolve_inner(inner, interpret: bool, query, key, value, dropout_rate):
+    """``inner=`` as an :class:`_Inner`.
+
+    None picks the Pallas kernel on GPUs where it serves the inputs
+    (bfloat16/float16, no dropout), else the memory-efficient kernel.
+    """
     if inner is None:
-        inner = "memory_efficient"
-        if jax.default_backend() == "gpu":
-            try:
-                mod = importlib.import_module(INNER_KERNELS["pallas"])
-            except ImportError:  # no Pallas GPU support in this jax: the XLA blocks serve
-                mod = None
-            if hasattr(mod, "forward") and hasattr(mod, "backward"):
-                inner = "pallas"
+        on_gpu = jax.default_backend() == "gpu"
+        inner = "pallas" if on_gpu and _pallas_serves(query, key, value, dropout_rate) else "memory_efficient"
+    if interpret and inner != "pallas":
+        raise ValueError(f"`interpret=True` runs the Pallas inner kernel in interpret mode; it needs inner='pallas', "
+                         f"got inner={inner!r}.")  # fmt: skip
     if isinstance(inner, str):
         if inner not in INNER_KERNELS:
             raise ValueError(
@@ -59,18 +89,12 @@ def _resolve_inner(inner):
                 f"forward/backward; got {inner!r}."
             )
         mod = importlib.import_module(INNER_KERNELS[inner])
-        if not (hasattr(mod, "forward") and hasattr(mod, "backward")):
-            raise NotImplementedError(
-                f"inner={inner!r}: {INNER_KERNELS[inner]} does not provide the block interface ring attention "
-                "needs (forward(q, k, v, extras, static) -> (out, lse) with a kv_offset, and a backward that "
-                "takes the global LSE); use inner='memory_efficient'."
-            )
-        return mod
+        return _Inner(mod, (("interpret", True),) if interpret else ())
     if not (callable(getattr(inner, "forward", None)) and callable(getattr(inner, "backward", None))):
         raise TypeError(
             f"`inner` must be a kernel name or an object with forward/backward; got {type(inner).__name__}."
         )
-    return inner
+    return _Inner(inner)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +269,10 @@ def _ring_backward(q, k, v, extras, st: _RingStatic, out, lse, dout, dlse):
     return _like(dq, q), _like(dk.astype(k.dtype), k), _like(dv.astype(v.dtype), v), dmod
 
 
+def _primal(x):
+    return x.value if isinstance(x, jax.custom_derivatives.CustomVJPPrimal) else x
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _ring(q, k, v, extras, st):
     out, lse, _ = _ring_forward(q, k, v, extras, st)
@@ -252,6 +280,15 @@ def _ring(q, k, v, extras, st):
 
 
 def _ring_fwd(q, k, v, extras, st):
+    is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)  # noqa: E731
+    wrapped = jax.tree_util.tree_leaves(extras.score_mod, is_leaf=is_primal)
+    if not st.inner.differentiates_mod_leaves and any(getattr(x, "perturbed", False) for x in wrapped):
+        raise NotImplementedError(
+            "ring attention's inner kernel (pallas) does not differentiate the array leaves of score mods "
+            "(a learnable bias, ALiBi slopes); pass inner='memory_efficient' for those gradients."
+        )
+    q, k, v = map(_primal, (q, k, v))
+    extras = jax.tree_util.tree_map(_primal, extras, is_leaf=is_primal)
     out, lse, _ = _ring_forward(q, k, v, extras, st)
     return (out, lse), (q, k, v, extras, out, lse)
 
@@ -259,6 +296,10 @@ def _ring_fwd(q, k, v, extras, st):
 def _ring_bwd(st, res, cts):
     q, k, v, extras, out, lse = res
     dout, dlse = cts
+    if isinstance(dout, jax.custom_derivatives.SymbolicZero):
+        dout = match_vma(jnp.zeros(out.shape, out.dtype), out)
+    if isinstance(dlse, jax.custom_derivatives.SymbolicZero):
+        dlse = match_vma(jnp.zeros(lse.shape, lse.dtype), lse)
     dq, dk, dv, dmod = _ring_backward(q, k, v, extras, st, out, lse, dout, dlse)
     d_extras = TileExtras(
         score_mod=cotangent_tree(extras.score_mod, dmod),
@@ -267,7 +308,7 @@ def _ring_bwd(st, res, cts):
     return dq, dk, dv, d_extras
 
 
-_ring.defvjp(_ring_fwd, _ring_bwd)
+_ring.defvjp(_ring_fwd, _ring_bwd, symbolic_zeros=True)
 
 
 def ring_attention(
@@ -346,16 +387,19 @@ def ring_attention(
         head_axis: mesh axis (or axes) sharding query and kv heads, or None.
         layout: ``"zigzag"`` (balanced under causal masks) or
             ``"contiguous"``.
-        inner: per-block kernel: ``"memory_efficient"``, ``"pallas"``,
-            an object with ``forward``/``backward`` of the memory-efficient
-            kernel's signatures, or None (by platform).
+        inner: per-block kernel: ``"memory_efficient"``, ``"pallas"`` (the
+            Mosaic GPU flash kernel: bfloat16/float16, no dropout, no
+            gradients to mod leaves), an object with ``forward``/``backward``
+            of the memory-efficient kernel's signatures, or None: ``"pallas"``
+            on GPUs when it serves the inputs, else ``"memory_efficient"``.
         score_mod, mask_mod, scale, q_offset, dropout_rate, dropout_rng, deterministic, return_lse: see
             :class:`attnax.typing.AttentionFn`; ``q_offset`` is the absolute position of the first query of the
             whole sequence.
         mask, block_mask: not supported (see above).
         **kernel_options: ``config``, a
-            :class:`~attnax.kernels.MemoryEfficientConfig` for the inner
-            blocks.
+            :class:`~attnax.kernels.MemoryEfficientConfig` for the
+            memory-efficient inner blocks; ``interpret=True`` runs the
+            ``"pallas"`` inner kernel in GPU interpret mode (CPU tests).
 
     Returns:
         ``out`` shaped like ``query`` (``Dv`` last), or ``(out, lse)``.
@@ -375,7 +419,7 @@ def ring_attention(
         >>> bool(jnp.allclose(out, attention_reference(q, k, v, score_mod=causal_mod()), atol=1e-5))
         True
     """
-    check_kernel_options("ring_attention", kernel_options, ("config",))
+    check_kernel_options("ring_attention", kernel_options, ("config", "interpret"))
     kw = dict(
         score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask, scale=scale, q_offset=q_offset,
         dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic,
@@ -386,12 +430,19 @@ def ring_attention(
     config = kernel_options.get("config") or MemoryEfficientConfig()
     if not isinstance(config, MemoryEfficientConfig):
         raise TypeError(f"`config` must be a MemoryEfficientConfig; got {type(config).__name__}.")
+    inner = _resolve_inner(inner, bool(kernel_options.get("interpret", False)), query, key, value, args.dropout_rate)
     st = _RingStatic(
-        axis_name=axis_name if style == "shard_map" else seq_axis, layout=layout, inner=_resolve_inner(inner),
+        axis_name=axis_name if style == "shard_map" else seq_axis, layout=layout, inner=inner,
         scale=args.scale, dropout_rate=args.dropout_rate, block_q=config.block_q, block_kv=config.block_kv,
     )  # fmt: skip
-    local = LocalFn(lambda q, k, v, extras: _ring(q, k, v, extras, st), layout)
+    local = LocalFn(lambda q, k, v, extras: _ring(q, k, v, extras, st), layout, check_vma=inner.traces_with_vma)
     if style == "shard_map":
+        if not inner.traces_with_vma and varying_axes(query):
+            raise NotImplementedError(
+                "ring_attention's inner kernel cannot be traced with varying-axis types (JAX's Mosaic GPU kernels "
+                "keep them on their refs): call it inside jax.shard_map(..., check_vma=False), or pass mesh= and "
+                "seq_axis= and let ring_attention wrap the shard_map."
+            )
         extras = local_extras(score_mod, mask_mod, jnp.asarray(args.q_offset, jnp.int32), seed)
         out, lse = local(query, key, value, extras)
     else:

@@ -32,12 +32,14 @@ from attnax.kernels._tiles import TileExtras
 from attnax.score_mods._base import _AndMask, _as_mask_mod, _as_score_mod
 
 
-def shard_map(f, mesh, in_specs, out_specs):
+def shard_map(f, mesh, in_specs, out_specs, check_vma: bool = True):
     """``jax.shard_map`` (jax >= 0.6), else the experimental one: the one place that differs."""
     sm = getattr(jax, "shard_map", None)
     if sm is None:  # pragma: no cover - old jax
         from jax.experimental.shard_map import shard_map as sm
-    return sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+        return sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check_vma)
+    return sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
 
 
 def check_supported(name, mask, block_mask):
@@ -129,9 +131,10 @@ def on_mesh(local_fn, query, key, value, args, mesh, seq_axis, batch_axis, head_
         return out, lse
 
     lse_spec = P(batch_axis, head_axis, seq_axis)
-    out, lse = shard_map(body, mesh, in_specs=(spec, spec, spec, P(), P(), off_spec, P()), out_specs=(spec, lse_spec))(
-        q, k, v, score_mod, mask_mod, q_offset, seed
-    )
+    out, lse = shard_map(
+        body, mesh, in_specs=(spec, spec, spec, P(), P(), off_spec, P()), out_specs=(spec, lse_spec),
+        check_vma=local_fn.check_vma,
+    )(q, k, v, score_mod, mask_mod, q_offset, seed)  # fmt: skip
     if Tp != d.T:
         out = _to_spec(out, mesh, no_seq)[:, :, : d.T]
         lse = _to_spec(lse, mesh, P(batch_axis, head_axis, None))[:, :, : d.T]
@@ -144,6 +147,10 @@ class LocalFn:
 
     fn: Any
     layout: str
+    #: False when the computation cannot be traced with varying-axis types
+    #: (Mosaic GPU kernels): the ``shard_map`` around global arrays then runs
+    #: with ``check_vma=False``.
+    check_vma: bool = True
 
     def __call__(self, q, k, v, extras):
         return self.fn(q, k, v, extras)
