@@ -269,10 +269,6 @@ def _ring_backward(q, k, v, extras, st: _RingStatic, out, lse, dout, dlse):
     return _like(dq, q), _like(dk.astype(k.dtype), k), _like(dv.astype(v.dtype), v), dmod
 
 
-def _primal(x):
-    return x.value if isinstance(x, jax.custom_derivatives.CustomVJPPrimal) else x
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _ring(q, k, v, extras, st):
     out, lse, _ = _ring_forward(q, k, v, extras, st)
@@ -280,15 +276,6 @@ def _ring(q, k, v, extras, st):
 
 
 def _ring_fwd(q, k, v, extras, st):
-    is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)  # noqa: E731
-    wrapped = jax.tree_util.tree_leaves(extras.score_mod, is_leaf=is_primal)
-    if not st.inner.differentiates_mod_leaves and any(getattr(x, "perturbed", False) for x in wrapped):
-        raise NotImplementedError(
-            "ring attention's inner kernel (pallas) does not differentiate the array leaves of score mods "
-            "(a learnable bias, ALiBi slopes); pass inner='memory_efficient' for those gradients."
-        )
-    q, k, v = map(_primal, (q, k, v))
-    extras = jax.tree_util.tree_map(_primal, extras, is_leaf=is_primal)
     out, lse, _ = _ring_forward(q, k, v, extras, st)
     return (out, lse), (q, k, v, extras, out, lse)
 
@@ -296,10 +283,6 @@ def _ring_fwd(q, k, v, extras, st):
 def _ring_bwd(st, res, cts):
     q, k, v, extras, out, lse = res
     dout, dlse = cts
-    if isinstance(dout, jax.custom_derivatives.SymbolicZero):
-        dout = match_vma(jnp.zeros(out.shape, out.dtype), out)
-    if isinstance(dlse, jax.custom_derivatives.SymbolicZero):
-        dlse = match_vma(jnp.zeros(lse.shape, lse.dtype), lse)
     dq, dk, dv, dmod = _ring_backward(q, k, v, extras, st, out, lse, dout, dlse)
     d_extras = TileExtras(
         score_mod=cotangent_tree(extras.score_mod, dmod),
@@ -308,7 +291,32 @@ def _ring_bwd(st, res, cts):
     return dq, dk, dv, d_extras
 
 
-_ring.defvjp(_ring_fwd, _ring_bwd, symbolic_zeros=True)
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+@jax.custom_jvp
+def _no_mod_gradients(leaves):
+    """Identity on a score mod's inexact leaves, for inner kernels that cannot differentiate them.
+
+    JAX calls a ``custom_jvp`` rule only when an input is perturbed, so this
+    raises exactly when someone differentiates the leaves, before anything runs.
+    """
+    return leaves
+
+
+@_no_mod_gradients.defjvp
+def _no_mod_gradients_jvp(primals, tangents):
+    raise NotImplementedError(
+        "ring attention's inner kernel (pallas) does not differentiate the array leaves of score mods "
+        "(a learnable bias, ALiBi slopes); pass inner='memory_efficient' for those gradients."
+    )
+
+
+def _guard_mod_leaves(score_mod, inner: "_Inner"):
+    if score_mod is None or inner.differentiates_mod_leaves:
+        return score_mod
+    leaves, rebuild = diff_leaves(score_mod)
+    return rebuild(_no_mod_gradients(leaves)) if leaves else score_mod
 
 
 def ring_attention(
@@ -435,6 +443,7 @@ def ring_attention(
         axis_name=axis_name if style == "shard_map" else seq_axis, layout=layout, inner=inner,
         scale=args.scale, dropout_rate=args.dropout_rate, block_q=config.block_q, block_kv=config.block_kv,
     )  # fmt: skip
+    score_mod = _guard_mod_leaves(score_mod, inner)
     local = LocalFn(lambda q, k, v, extras: _ring(q, k, v, extras, st), layout, check_vma=inner.traces_with_vma)
     if style == "shard_map":
         if not inner.traces_with_vma and varying_axes(query):
