@@ -368,3 +368,11 @@ def test_pallas_inner_one_device():
                       in_specs=SEQ, out_specs=SEQ)(q)  # fmt: skip
     with pytest.raises(ValueError, match="interpret"):
         ring_attention(q, k, v, mesh=mesh1, seq_axis="sp", inner="memory_efficient", interpret=True)
+
+
+def test_pallas_inner_on_cpu_needs_interpret(mesh):
+    q = jnp.ones((1, 1, 32, 8), jnp.bfloat16)
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU the Pallas inner kernel compiles")
+    with pytest.raises(NotImplementedError, match="interpret=True"):
+        ring_attention(q, q, q, mesh=mesh, seq_axis="sp", inner="pallas")

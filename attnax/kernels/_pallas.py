@@ -379,28 +379,28 @@ def _block_static(q, k, v, extras, static, interpret: bool) -> _Static:
     return _Static(scale=static.scale, config=default_config(D), interpret=interpret, dims=dims, q_offset=None)
 
 
-def forward(q, k, v, extras, static, *, interpret: bool | None = None):
-    """One ring block: ``(out, lse)`` of ``q`` against ``k, v`` at absolute offsets."""
-    interpret = not _on_gpu() if interpret is None else interpret
-    st = _block_static(q, k, v, extras, static, interpret)
+def _block_mods(q, extras):
     smod = None if extras.score_mod is None else _as_score_mod(extras.score_mod)
     mmod = None if extras.mask_mod is None else _as_mask_mod(extras.mask_mod)
-    q_off = jnp.broadcast_to(jnp.asarray(extras.q_offset, jnp.int32), (q.shape[0],))
+    return smod, mmod, jnp.broadcast_to(jnp.asarray(extras.q_offset, jnp.int32), (q.shape[0],))
+
+
+def forward(q, k, v, extras, static, *, interpret: bool = False):
+    """One ring block: ``(out, lse)`` of ``q`` against ``k, v`` at absolute offsets."""
+    st = _block_static(q, k, v, extras, static, interpret)
+    smod, mmod, q_off = _block_mods(q, extras)
     return _forward(q, k, v, q_off, extras.kv_offset, smod, mmod, None, st)
 
 
-def backward(q, k, v, extras, static, out, lse, dout, dlse=None, *, interpret: bool | None = None):
+def backward(q, k, v, extras, static, out, lse, dout, dlse=None, *, interpret: bool = False):
     """The block's ``(dq, dk, dv, dmod)``; ``lse``/``out`` are the global ones.
 
     ``dmod`` holds zeros for the score mod's inexact leaves: this kernel does
     not differentiate them (ring attention checks first, see
     :data:`differentiates_mod_leaves`).
     """
-    interpret = not _on_gpu() if interpret is None else interpret
     st = _block_static(q, k, v, extras, static, interpret)
-    smod = None if extras.score_mod is None else _as_score_mod(extras.score_mod)
-    mmod = None if extras.mask_mod is None else _as_mask_mod(extras.mask_mod)
-    q_off = jnp.broadcast_to(jnp.asarray(extras.q_offset, jnp.int32), (q.shape[0],))
+    smod, mmod, q_off = _block_mods(q, extras)
     dq, dk, dv = _backward(q, k, v, q_off, extras.kv_offset, smod, mmod, None, out, lse, dout, dlse, st)
     leaves, _ = diff_leaves(extras.score_mod)
     return dq, dk, dv, [jnp.zeros(jnp.shape(x), x.dtype) for x in leaves]
