@@ -143,6 +143,12 @@ class LoadTape:
         return self.values[self._next - 1]
 
 
+_LEAF_INDEX_ERROR = (
+    "inside a Pallas kernel a mod may index its array leaves only by scalars (b, h) and by the "
+    "q_idx / kv_idx arrays it was given, unchanged; compute with the loaded values instead."
+)
+
+
 class TileOperand:
     """A mod's array leaf inside a kernel: a global-memory ref with a view."""
 
@@ -192,10 +198,7 @@ class TileOperand:
             elif jnp.ndim(i) == 0:
                 ref_idx.append(i)
             else:
-                raise NotImplementedError(
-                    "inside a Pallas kernel a mod may index its array leaves only by scalars (b, h) and by the "
-                    "q_idx / kv_idx arrays it was given, unchanged; compute with the loaded values instead."
-                )
+                raise NotImplementedError(_LEAF_INDEX_ERROR)
         ref_idx = tuple(ref_idx)
         low = ctx.lowering
         if q_dim is None and kv_dim is None:
@@ -319,10 +322,7 @@ class _ProbeOperand:
                 self._used.add(d)
                 positional = True
             elif jnp.ndim(i) != 0:
-                raise NotImplementedError(
-                    "inside a Pallas kernel a mod may index its array leaves only by scalars (b, h) and by the "
-                    "q_idx / kv_idx arrays it was given, unchanged; compute with the loaded values instead."
-                )
+                raise NotImplementedError(_LEAF_INDEX_ERROR)
         return jnp.zeros(q_idx.shape if positional else (), self.dtype)
 
 
