@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attnax._validation import AttentionDims, check_attention_args, check_kernel_options
+from attnax._validation import AttentionDims, check_attention_args
 from attnax.block_mask import EMPTY, FULL, PARTIAL, classify_tiles
 from attnax.kernels import _pallas_mgpu_common as common
 from attnax.kernels import _pallas_mgpu_sm90 as sm90
@@ -331,7 +331,8 @@ def _attention_fwd(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask
         )
     q, k, v, q_offset, kv_offset = map(_value, (q, k, v, q_offset, kv_offset))
     score_mod, mask_mod, block_mask = jax.tree_util.tree_map(
-        _value, (score_mod, mask_mod, block_mask), is_leaf=lambda y: isinstance(y, jax.custom_derivatives.CustomVJPPrimal)
+        _value, (score_mod, mask_mod, block_mask),
+        is_leaf=lambda y: isinstance(y, jax.custom_derivatives.CustomVJPPrimal),
     )
     out, lse = _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st)
     return (out, lse), (q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out, lse)

@@ -114,7 +114,7 @@ class TileContext:
     lowering: Lowering
     q_axis: int = 0
     q_layout: str = "contiguous"
-    tape: "LoadTape | None" = None
+    tape: LoadTape | None = None
 
 
 class LoadTape:

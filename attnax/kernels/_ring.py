@@ -312,7 +312,7 @@ def _no_mod_gradients_jvp(primals, tangents):
     )
 
 
-def _guard_mod_leaves(score_mod, inner: "_Inner"):
+def _guard_mod_leaves(score_mod, inner: _Inner):
     if score_mod is None or inner.differentiates_mod_leaves:
         return score_mod
     leaves, rebuild = diff_leaves(score_mod)
