@@ -93,6 +93,64 @@ class Lowering:
 
         return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
+    # Asynchronous accumulation. Compiled, accumulators are wgmma registers
+    # (``plgpu.ACC``) that several matmuls write in flight, read with an explicit
+    # ``wait_n``; interpreted, they are boxes holding a value, updated in program
+    # order. Loops that keep accumulators across iterations carry
+    # ``values(accs)`` (empty when compiled) and ``restore`` them in the body.
+
+    def accumulators(self, fn, *shapes):
+        """``fn(*accs)`` with zeroed float32 accumulators of ``shapes``; returns its result."""
+        if self.interpret:
+            return fn(*[_ValueAcc(shape) for shape in shapes])
+        return pl.run_scoped(fn, *[plgpu.ACC(shape, jnp.float32) for shape in shapes])
+
+    def T(self, ref):
+        """A shared-memory tile, transposed, as a matmul operand."""
+        return _Transposed(ref) if self.interpret else plgpu.transpose_ref(ref, (1, 0))
+
+    def mma(self, acc, a, b):
+        """``acc += a @ b`` (``a`` in registers or shared memory, ``b`` a tile or ``T(tile)``)."""
+        if not self.interpret:
+            plgpu.wgmma(acc, a, b)
+            return
+        a_val = a if isinstance(a, jax.Array) else a[...]
+        b_val = b.ref[...].T if isinstance(b, _Transposed) else b[...]
+        acc.value = acc.value + jnp.dot(a_val, b_val, preferred_element_type=jnp.float32)
+
+    def read(self, acc, wait_n: int = 0):
+        """The accumulator's value once at most ``wait_n`` matmuls are still in flight."""
+        if self.interpret:
+            return acc.value
+        return plgpu.wgmma_accumulator_load(acc, wait_n=wait_n)
+
+    def wait(self, n: int = 0):
+        """Waits until at most ``n`` matmuls are in flight."""
+        if not self.interpret:
+            plgpu.wgmma_wait(n)
+
+    def values(self, accs):
+        return tuple(a.value for a in accs) if self.interpret else ()
+
+    def restore(self, accs, values):
+        if self.interpret:
+            for a, v in zip(accs, values):
+                a.value = v
+
+
+class _ValueAcc:
+    """An interpreted accumulator."""
+
+    def __init__(self, shape):
+        self.value = jnp.zeros(shape, jnp.float32)
+
+
+class _Transposed:
+    """An interpreted transposed shared-memory operand."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
 
 @dataclasses.dataclass
 class TileContext:

@@ -26,7 +26,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from attnax.kernels._pallas_mgpu_common import (
-    WGMMA,
     WGMMA_COL,
     WGMMA_ROW,
     Lowering,
@@ -142,30 +141,48 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
             delta_row = low.load(delta_smem2.at[wg], WGMMA_ROW)
             ctx_box = [None]
             transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
-            dq = low.cast(jnp.zeros((bq, D), jnp.float32), WGMMA)
 
-            def step_body(j, t, is_partial, dq):
+            def step_body(j, t, is_partial, dq_acc):
                 slot = lax.rem(t, jnp.int32(stages))
                 kv_start = kv_off + j * bkv
-                plgpu.barrier_wait(k_bar.at[slot])
-                s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv)) * st.scale
-                q_idx = q_start + low.iota((bq, bkv), 0)
-                kv_idx = kv_start + low.iota((bq, bkv), 1)
-                ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
-                mask = _tail_mask(mask_fn, kv_idx, kv_off + st.S if ragged else None)
-                s, vjp = _tile_scores(s, transform, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx)
-                p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
-                plgpu.barrier_wait(v_bar.at[slot])
-                dp = low.matmul_nt(do_smem, v_smem.at[slot], (bq, bkv))
-                plgpu.barrier_arrive(v_free.at[slot])
-                ds = p * (dp - lax.broadcast_in_dim(delta_row, dp.shape, [0]))
-                if vjp is not None:
-                    (ds,) = vjp(ds)
-                dq = dq + low.matmul_nn(ds.astype(dtype), k_smem.at[slot], (bq, D))
-                plgpu.barrier_arrive(k_free.at[slot])
-                return dq
+                k_slot, v_slot = k_smem.at[slot], v_smem.at[slot]
 
-            _, dq = walk.consume(step_body, dq)
+                def tile(s_acc, dp_acc):
+                    # S = Q K^T and dP = dO V^T go out together; the softmax of
+                    # S overlaps dP.
+                    plgpu.barrier_wait(k_bar.at[slot])
+                    low.mma(s_acc, q_smem, low.T(k_slot))
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    low.mma(dp_acc, do_smem, low.T(v_slot))
+                    s = low.read(s_acc, wait_n=1) * st.scale
+                    q_idx = q_start + low.iota((bq, bkv), 0)
+                    kv_idx = kv_start + low.iota((bq, bkv), 1)
+                    ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
+                    mask = _tail_mask(mask_fn, kv_idx, kv_off + st.S if ragged else None)
+                    s, vjp = _tile_scores(s, transform, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx)
+                    p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
+                    dp = low.read(dp_acc, wait_n=0)
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    ds = p * (dp - lax.broadcast_in_dim(delta_row, dp.shape, [0]))
+                    if vjp is not None:
+                        (ds,) = vjp(ds)
+                    low.mma(dq_acc, ds.astype(dtype), k_slot)
+                    low.wait(0)
+
+                low.accumulators(tile, (bq, bkv), (bq, bkv))
+                plgpu.barrier_arrive(k_free.at[slot])
+
+            def grad(dq_acc):
+                def visit(j, t, is_partial, values):
+                    low.restore((dq_acc,), values)
+                    step_body(j, t, is_partial, dq_acc)
+                    return low.values((dq_acc,))
+
+                _, values = walk.consume(visit, low.values((dq_acc,)))
+                low.restore((dq_acc,), values)
+                return low.read(dq_acc)
+
+            dq = low.accumulators(grad, (bq, D))
             q_smem[...] = (dq * st.scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, h, rows])
@@ -240,7 +257,9 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
         (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), kv_bars, ready, free = refs[n_in + 2 :]
         b = lax.axis_index("batch")
         hk = lax.axis_index("heads")
-        kt = nkt - 1 - lax.axis_index("kv_seq")
+        # Heaviest key tiles first: under causal masks the first keys are seen
+        # by the most query tiles, and launching them early shortens the tail.
+        kt = lax.axis_index("kv_seq")
         wg = lax.axis_index("wg")
 
         def head_walk(g):
@@ -262,39 +281,59 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             plgpu.barrier_wait(kv_bars[1].at[wg])
             ctx_box = [None]
             transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
-            zeros = lambda n: low.cast(jnp.zeros((bkv, n), jnp.float32), WGMMA)  # noqa: E731
 
-            def step_body(h, j, t, is_partial, carry):
-                dk, dv = carry
+            def step_body(h, j, t, is_partial, dk_acc, dv_acc):
                 slot = lax.rem(t, jnp.int32(stages))
-                q_row0 = j * bq
-                q_start = qoff_ref[b] + q_row0
+                q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
+                q_start = qoff_ref[b] + j * bq
                 for bar in ready:
                     plgpu.barrier_wait(bar.at[slot])
-                s = low.matmul_nt(k_smem, q_smem.at[slot], (bkv, bq)) * st.scale  # keys x queries
-                kv_idx = kv_row0 + low.iota((bkv, bq), 0)
-                q_idx = q_start + low.iota((bkv, bq), 1)
-                ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
-                s, vjp = _tile_scores(s, transform, mask_fn, st.has_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx)
-                lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
-                delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
-                p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
-                dv = dv + low.matmul_nn(p.astype(dtype), do_smem.at[slot], (bkv, Dv))
-                dp = low.matmul_nt(v_smem, do_smem.at[slot], (bkv, bq))
-                ds = p * (dp - lax.broadcast_in_dim(delta_col, dp.shape, [1]))
-                if vjp is not None:
-                    (ds,) = vjp(ds)
-                dk = dk + low.matmul_nn(ds.astype(dtype), q_smem.at[slot], (bkv, D))
+
+                def tile(s_acc, dp_acc):
+                    # S^T = K Q^T and dP^T = V dO^T go out together; the
+                    # softmax of S overlaps dP, dP's use overlaps dV += P^T dO.
+                    low.mma(s_acc, k_smem, low.T(q_slot))
+                    low.mma(dp_acc, v_smem, low.T(do_slot))
+                    s = low.read(s_acc, wait_n=1) * st.scale  # keys x queries
+                    kv_idx = kv_row0 + low.iota((bkv, bq), 0)
+                    q_idx = q_start + low.iota((bkv, bq), 1)
+                    ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
+                    s, vjp = _tile_scores(
+                        s, transform, mask_fn, st.has_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
+                    )
+                    lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
+                    delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
+                    p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
+                    low.mma(dv_acc, p.astype(dtype), do_slot)
+                    dp = low.read(dp_acc, wait_n=1)
+                    ds = p * (dp - lax.broadcast_in_dim(delta_col, dp.shape, [1]))
+                    if vjp is not None:
+                        (ds,) = vjp(ds)
+                    low.mma(dk_acc, ds.astype(dtype), q_slot)
+                    low.wait(0)
+
+                low.accumulators(tile, (bkv, bq), (bkv, bq))
                 plgpu.barrier_arrive(free.at[slot])
-                return dk, dv
 
-            def per_head(g, carry):
-                t, dk, dv = carry
-                h, walk = head_walk(g)
-                t, (dk, dv) = walk.consume(lambda j, t, p, c: step_body(h, j, t, p, c), (dk, dv), t0=t)
-                return t, dk, dv
+            def grads(dk_acc, dv_acc):
+                accs = (dk_acc, dv_acc)
 
-            _, dk, dv = lax.fori_loop(0, G, per_head, (jnp.int32(0), zeros(D), zeros(Dv)))
+                def per_head(g, carry):
+                    t, values = carry
+                    h, walk = head_walk(g)
+
+                    def visit(j, t, is_partial, values):
+                        low.restore(accs, values)
+                        step_body(h, j, t, is_partial, *accs)
+                        return low.values(accs)
+
+                    return walk.consume(visit, values, t0=t)
+
+                _, values = lax.fori_loop(0, G, per_head, (jnp.int32(0), low.values(accs)))
+                low.restore(accs, values)
+                return low.read(dk_acc), low.read(dv_acc)
+
+            dk, dv = low.accumulators(grads, (bkv, D), (bkv, Dv))
             k_smem[...] = (dk * st.scale).astype(dtype)
             v_smem[...] = dv.astype(dtype)
             plgpu.commit_smem()
