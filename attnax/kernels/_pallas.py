@@ -295,6 +295,7 @@ def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out
         dkv_lists = kernel_tiles(jnp.swapaxes(classes_t, 2, 3), False)
     common_static = dict(
         scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,
+        unit_derivative=pr.has_transform and common.unit_score_derivative(score_mod),
         has_mask=pr.mask_fn is not None, sparse=pr.sparse, interpret=st.interpret, num_stages=_BWD_STAGES,
     )  # fmt: skip
     args = (qp, kp, vp, dop, lse2, delta, pr.offsets)

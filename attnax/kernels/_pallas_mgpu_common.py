@@ -93,6 +93,21 @@ class Lowering:
 
         return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
+    def matmul_acc(self, acc, a, b_smem, during=None):
+        """``acc + a @ b`` accumulated in place in the wgmma registers (``acc`` f32)."""
+        if self.interpret:
+            out = acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
+            if during is not None:
+                during()
+            return out
+
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, a, b_smem)
+            if during is not None:
+                during()
+
+        return pl.run_state(body)(plgpu.ACC.init(acc))
+
     # Asynchronous accumulation. Compiled, accumulators are wgmma registers
     # (``plgpu.ACC``) that several matmuls write in flight, read with an explicit
     # ``wait_n``; interpreted, they are boxes holding a value, updated in program
@@ -382,6 +397,29 @@ class _ProbeOperand:
             elif jnp.ndim(i) != 0:
                 raise NotImplementedError(_LEAF_INDEX_ERROR)
         return jnp.zeros(q_idx.shape if positional else (), self.dtype)
+
+
+def unit_score_derivative(score_mod) -> bool:
+    """Whether ``d transform(s) / d s`` is identically 1 (additive mods: ALiBi, biases).
+
+    Traces the mod's forward-mode derivative once, abstractly, and checks that
+    the output tangent is the input tangent itself. Backward kernels then use
+    the mod's value only, without a JVP on every tile.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(score_mod)
+    arrays = [jnp.asarray(x) for x in leaves]
+
+    def tangent(s, t, b, h, q_idx, kv_idx, *scalars):
+        rest = iter(scalars)
+        new = [next(rest) if x.ndim == 0 else _ProbeOperand(x, (q_idx, kv_idx), set()) for x in arrays]
+        mod = jax.tree_util.tree_unflatten(treedef, new)
+        return jax.jvp(lambda x: mod.transform(x, b, h, q_idx, kv_idx).astype(jnp.float32), (s,), (t,))[1]
+
+    tile_f, tile_i = jax.ShapeDtypeStruct((8, 8), jnp.float32), jax.ShapeDtypeStruct((8, 8), jnp.int32)
+    index = jax.ShapeDtypeStruct((), jnp.int32)
+    scalars = [jax.ShapeDtypeStruct((), x.dtype) for x in arrays if x.ndim == 0]
+    closed = jax.make_jaxpr(tangent)(tile_f, tile_f, index, index, tile_i, tile_i, *scalars)
+    return closed.jaxpr.outvars[0] is closed.jaxpr.invars[1]
 
 
 def exercise_mods(mask_of):

@@ -167,9 +167,7 @@ def forward_kernel_call(
                 plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_wait(sched)
-                # A fresh accumulator plus a register add (not ACC.init(acc)):
-                # run_state has no GPU interpret-mode rule.
-                acc = acc + low.matmul_nn(p16, v_smem.at[slot], (bq, Dv))
+                acc = low.matmul_acc(acc, p16, v_smem.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 

@@ -51,6 +51,7 @@ class BwdStatic:
     S: int
     group: int
     has_transform: bool
+    unit_derivative: bool  # the score mod's transform has d/ds == 1 (no JVP per tile)
     has_mask: bool
     sparse: bool
     interpret: bool
@@ -68,11 +69,13 @@ def _tail_mask(mask_fn, kv_idx, S):
     return mask
 
 
-def _tile_scores(s, transform, mask_fn, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx):
+def _tile_scores(s, transform, unit, mask_fn, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx):
     """Score-mod transform (with its VJP) and, on partial tiles, the mask."""
     ctx_box[0] = ctx
     vjp = None
-    if transform is not None:
+    if transform is not None and unit:
+        s = transform(s, b, h, q_idx, kv_idx).astype(jnp.float32)
+    elif transform is not None:
         # Score mods are elementwise in the score (the protocol), so their VJP is
         # a product with d transform / d score, which a forward-mode JVP gives.
         # The mod's leaf loads (no derivative rules in Mosaic GPU) are recorded
@@ -159,7 +162,9 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                     kv_idx = kv_start + low.iota((bq, bkv), 1)
                     ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
                     mask = _tail_mask(mask_fn, kv_idx, kv_off + st.S if ragged else None)
-                    s, vjp = _tile_scores(s, transform, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx)
+                    s, vjp = _tile_scores(
+                        s, transform, st.unit_derivative, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
+                    )
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
                     dp = low.read(dp_acc, wait_n=0)
                     plgpu.barrier_arrive(v_free.at[slot])
@@ -299,7 +304,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     q_idx = q_start + low.iota((bkv, bq), 1)
                     ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
                     s, vjp = _tile_scores(
-                        s, transform, mask_fn, st.has_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
+                        s, transform, st.unit_derivative, mask_fn, st.has_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
                     )
                     lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                     delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
