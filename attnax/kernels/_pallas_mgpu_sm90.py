@@ -37,6 +37,8 @@ from attnax.kernels._pallas_mgpu_common import (
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
+# Registers per thread of the two compute warpgroups and the memory warpgroup.
+_REGISTERS = (232, 40)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +115,7 @@ def forward_kernel_call(
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(_REGISTERS[0], action="increase")
             q_smem = q_smem2.at[wg]
             lse_smem = lse_smem2.at[wg]
             q_row0 = qi * (2 * bq) + wg * bq
@@ -185,7 +187,7 @@ def forward_kernel_call(
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(_REGISTERS[1], action="decrease")
 
             def fetch(j, t):
                 rows = pl.ds(j * bkv, bkv)

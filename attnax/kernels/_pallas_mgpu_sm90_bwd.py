@@ -37,6 +37,10 @@ from attnax.kernels._pallas_mgpu_common import (
 )
 
 _LOG2E = math.log2(math.e)
+# Registers per thread of the two compute warpgroups and the memory warpgroup
+# (2 x 128 x 240 + 128 x 24 <= 64K). Measured on H100 against (232, 40): fewer
+# spills in the compute warpgroups, backward 3-7% faster (causal, ALiBi, softcap).
+_REGISTERS = (240, 24)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +132,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(_REGISTERS[0], action="increase")
             row0 = qi * (2 * bq) + wg * bq
             q_start = qoff_ref[b] + row0
             kv_off = qoff_ref[B + b]
@@ -195,7 +199,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(_REGISTERS[1], action="decrease")
 
             def fetch(j, t):
                 rows = pl.ds(j * bkv, bkv)
@@ -275,7 +279,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(_REGISTERS[0], action="increase")
             row0 = kt * (2 * bkv) + wg * bkv
             rows = pl.ds(row0, bkv)
             kv_row0 = qoff_ref[B + b] + row0  # absolute position of the first key row
@@ -348,7 +352,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(_REGISTERS[1], action="decrease")
 
             def per_head(g, t):
                 h, walk = head_walk(g)
