@@ -11,6 +11,7 @@ column or tile that those positions cover. Nothing else about the mod changes.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import jax
@@ -26,6 +27,19 @@ def interpret_params():
     if cls is None:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
     return cls()
+
+
+# plgpu.load takes the index as a separate argument in jax 0.10 and deprecates
+# it in jax 0.11 (index the ref instead).
+_LOAD_NEEDS_INDEX = inspect.signature(plgpu.load).parameters.get("idx", None) is not None and (
+    inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+)
+
+
+def _load(ref, layout):
+    if _LOAD_NEEDS_INDEX:
+        return plgpu.load(ref, (), layout=layout, optimized=False)
+    return plgpu.load(ref, layout=layout, optimized=False)
 
 
 WGMMA = plgpu.Layout.WGMMA
@@ -53,7 +67,7 @@ class Lowering:
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
 
     def load(self, ref, layout):
-        return ref[...] if self.interpret else plgpu.load(ref, (), layout=layout, optimized=False)
+        return ref[...] if self.interpret else _load(ref, layout)
 
     # GPU interpret mode (jax 0.10) models wgmma only with both operands in
     # shared memory and B untransposed. Interpreted, the two products below are
@@ -69,7 +83,7 @@ class Lowering:
             return out
 
         def body(acc_ref):
-            plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+            plgpu.wgmma(acc_ref, a_smem, b_smem.transpose((1, 0)))
             if during is not None:
                 during()
             return acc_ref[...]
@@ -122,7 +136,7 @@ class Lowering:
 
     def T(self, ref):
         """A shared-memory tile, transposed, as a matmul operand."""
-        return _Transposed(ref) if self.interpret else plgpu.transpose_ref(ref, (1, 0))
+        return _Transposed(ref) if self.interpret else ref.transpose((1, 0))
 
     def mma(self, acc, a, b):
         """``acc += a @ b`` (``a`` in registers or shared memory, ``b`` a tile or ``T(tile)``)."""

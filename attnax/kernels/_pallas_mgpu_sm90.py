@@ -37,8 +37,9 @@ from attnax.kernels._pallas_mgpu_common import (
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-# Registers per thread of the two compute warpgroups and the memory warpgroup.
-_REGISTERS = (232, 40)
+# Registers per thread of the two compute warpgroups and the memory warpgroup
+# (2 x 128 x 240 + 128 x 24 <= 64K; measured on H100: 2-5% faster than (232, 40)).
+_REGISTERS = (240, 24)
 
 
 @dataclasses.dataclass(frozen=True)
