@@ -100,5 +100,33 @@ def forward_registers():
         print(f"{name:12s} {out[0]:9.3f} {out[1]:9.3f}", flush=True)
 
 
+
+
+def forward_configs():
+    """``--fwd-configs``: D=64 forward time by tiling config."""
+    from attnax.kernels._pallas import PallasFlashConfig
+
+    ks = jax.random.split(jax.random.key(0), 3)
+    configs = [(64, 128, 2), (64, 128, 3), (64, 128, 4), (64, 64, 4), (64, 256, 2)]
+    print("case           " + " ".join(f"{str(c):>13s}" for c in configs))
+    for b, t, causal in ((2, 8192, False), (1, 16384, False), (4, 4096, True), (8, 2048, False)):
+        q, k, v = (jax.random.normal(kk, (b, 16, t, 64), jnp.bfloat16) for kk in ks)
+        mod = sm.causal_mod() if causal else None
+        out = []
+        for c in configs:
+            cfg = PallasFlashConfig(block_q=c[0], block_kv=c[1], num_stages=c[2])
+            f = jax.jit(lambda q, k, v, cfg=cfg: _pallas.pallas_flash_attention(q, k, v, score_mod=mod, block_sizes=cfg))
+            try:
+                out.append(f"{timeit(f, q, k, v):13.3f}")
+            except Exception as e:  # noqa: BLE001
+                out.append(f"{type(e).__name__[:13]:>13s}")
+        print(f"d64-s{t}-b{b}{'-c' if causal else '  '} " + " ".join(out), flush=True)
+
+
 if __name__ == "__main__":
-    forward_registers() if "--fwd" in sys.argv else main()
+    if "--fwd" in sys.argv:
+        forward_registers()
+    elif "--fwd-configs" in sys.argv:
+        forward_configs()
+    else:
+        main()
