@@ -141,3 +141,20 @@ def test_float32_inputs_raise():
     q, k, v = random_qkv(1, 1, 1, 1, 64, 64, 32, dtype=jnp.float32)
     with pytest.raises(NotImplementedError, match="bfloat16"):
         pallas_flash_attention(q, k, v, interpret=True)
+
+
+def test_long_unmasked_d64_uses_256_key_tiles():
+    """D <= 64 without masks over >= 2048 keys takes 256-key tiles; forward and grads still match."""
+    from attnax.kernels._pallas import default_config
+
+    assert default_config(64, kv_len=2048, masked=False).block_kv == 256
+    assert default_config(64, kv_len=2048, masked=True).block_kv == 128
+    assert default_config(64, kv_len=1024, masked=False).block_kv == 128
+    assert default_config(128, kv_len=8192, masked=False).block_kv == 128
+    q, k, v = random_qkv(3, 1, 2, 1, 64, 2100, 64, dtype=jnp.bfloat16)
+    out, vjp = jax.vjp(lambda q, k, v: pallas_flash_attention(q, k, v, interpret=True), q, k, v)
+    ref, rvjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v), *to64(q, k, v))
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2)
+    ct = jnp.asarray(np.random.default_rng(4).standard_normal(out.shape), jnp.bfloat16)
+    for a, b in zip(vjp(ct), rvjp(to64(ct))):
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, atol=5e-2)

