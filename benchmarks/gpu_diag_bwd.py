@@ -21,6 +21,8 @@ def cases():
         "causal": causal,
         "alibi": sm.compose_score_mods(causal, sm.alibi_mod(H)),
         "softcap": sm.compose_score_mods(causal, sm.softcap_mod(50.0)),
+        "window": sm.sliding_window_mod((1023, 0)),
+        "docs": sm.compose_score_mods(causal, sm.document_mask_mod(jnp.repeat(jnp.arange(8), T // 8)[None])),
     }
 
 
