@@ -211,7 +211,7 @@ def decode_kernel_call(
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha + p.sum(axis=1)
                 plgpu.barrier_wait(v_bar.at[slot])
-                acc = acc + low.matmul_nn(p.astype(dtype), v_smem.at[slot], (_ROWS, Dv))
+                acc = low.matmul_acc(acc, p.astype(dtype), v_smem.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 

@@ -90,23 +90,6 @@ class Lowering:
 
         return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
-    def matmul_nn(self, a, b_smem, shape, during=None):
-        """``a @ b`` with ``a`` in registers (or a shared-memory ref), f32."""
-        if self.interpret:
-            a_val = a if isinstance(a, jax.Array) else a[...]
-            out = jnp.dot(a_val, b_smem[...], preferred_element_type=jnp.float32)
-            if during is not None:
-                during()
-            return out
-
-        def body(acc_ref):
-            plgpu.wgmma(acc_ref, a, b_smem)
-            if during is not None:
-                during()
-            return acc_ref[...]
-
-        return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
     def matmul_acc(self, acc, a, b_smem, during=None):
         """``acc + a @ b`` accumulated in place in the wgmma registers (``acc`` f32)."""
         if self.interpret:

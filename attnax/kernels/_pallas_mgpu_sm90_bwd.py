@@ -96,6 +96,18 @@ def _tile_scores(s, transform, unit, mask_fn, need_mask, is_partial, b, h, q_idx
     return s, vjp
 
 
+def _accumulate_ds(low, acc, p, dp, delta, axis: int, vjp, b_smem):
+    """``acc += dS @ b`` with ``dS = P * (dP - delta)`` (times the mod's derivative); waits for it.
+
+    ``delta`` is a vector along ``axis`` of the tile: its query axis.
+    """
+    ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [axis]))
+    if vjp is not None:
+        (ds,) = vjp(ds)
+    low.mma(acc, ds.astype(b_smem.dtype), b_smem)
+    low.wait(0)
+
+
 def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build_mods: Callable, st: BwdStatic):
     """dQ. ``lse2`` is the LSE in base 2 (``+inf`` on rows with nothing visible).
 
@@ -172,11 +184,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
                     dp = low.read(dp_acc, wait_n=0)
                     plgpu.barrier_arrive(v_free.at[slot])
-                    ds = p * (dp - lax.broadcast_in_dim(delta_row, dp.shape, [0]))
-                    if vjp is not None:
-                        (ds,) = vjp(ds)
-                    low.mma(dq_acc, ds.astype(dtype), k_slot)
-                    low.wait(0)
+                    _accumulate_ds(low, dq_acc, p, dp, delta_row, 0, vjp, k_slot)
 
                 low.accumulators(tile, (bq, bkv), (bq, bkv))
                 plgpu.barrier_arrive(k_free.at[slot])
@@ -315,11 +323,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
                     low.mma(dv_acc, p.astype(dtype), do_slot)
                     dp = low.read(dp_acc, wait_n=1)
-                    ds = p * (dp - lax.broadcast_in_dim(delta_col, dp.shape, [1]))
-                    if vjp is not None:
-                        (ds,) = vjp(ds)
-                    low.mma(dk_acc, ds.astype(dtype), q_slot)
-                    low.wait(0)
+                    _accumulate_ds(low, dk_acc, p, dp, delta_col, 1, vjp, q_slot)
 
                 low.accumulators(tile, (bkv, bq), (bkv, bq))
                 plgpu.barrier_arrive(free.at[slot])
