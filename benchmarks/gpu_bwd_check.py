@@ -7,7 +7,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnax import score_mods as sm
 from attnax.kernels import memory_efficient_attention
@@ -34,7 +33,8 @@ def case_kwargs(name, T, S, H):
 
 def main():
     jax.config.update("jax_enable_x64", True)
-    B, H, Hk, T, S = 1, 4, 2, int(sys.argv[1]) if len(sys.argv) > 1 else 700, int(sys.argv[1]) if len(sys.argv) > 1 else 700
+    T = S = int(sys.argv[1]) if len(sys.argv) > 1 else 700
+    B, H, Hk = 1, 4, 2
     rows = []
     for D in (128, 64):
         ks = jax.random.split(jax.random.key(D), 4)
@@ -46,12 +46,12 @@ def main():
             kw = case_kwargs(name, T, S, H)
             errs = {}
             ref_out, rvjp = jax.vjp(
-                lambda q, k, v: attention_reference(q, k, v, **kw), *(x.astype(jnp.float64) for x in (q, k, v))
+                lambda q, k, v, kw=kw: attention_reference(q, k, v, **kw), *(x.astype(jnp.float64) for x in (q, k, v))
             )
             ref = (ref_out, *rvjp(ct.astype(jnp.float64)))
             for label, fn in (("pallas", pallas_flash_attention), ("xla_bf16", memory_efficient_attention)):
                 try:
-                    out, vjp = jax.vjp(jax.jit(lambda q, k, v: fn(q, k, v, **kw)), q, k, v)
+                    out, vjp = jax.vjp(jax.jit(lambda q, k, v, fn=fn, kw=kw: fn(q, k, v, **kw)), q, k, v)
                     got = (out, *vjp(ct.astype(out.dtype)))
                     errs[label] = [float(jnp.max(jnp.abs(a.astype(jnp.float64) - r))) for a, r in zip(got, ref)]
                 except Exception as e:  # noqa: BLE001

@@ -117,7 +117,11 @@ def forward_configs():
         out = []
         for c in configs:
             cfg = PallasFlashConfig(block_q=c[0], block_kv=c[1], num_stages=c[2])
-            f = jax.jit(lambda q, k, v, cfg=cfg: _pallas.pallas_flash_attention(q, k, v, score_mod=mod, block_sizes=cfg))
+            f = jax.jit(
+                lambda q, k, v, cfg=cfg, mod=mod: _pallas.pallas_flash_attention(
+                    q, k, v, score_mod=mod, block_sizes=cfg
+                )
+            )
             try:
                 out.append(f"{timeit(f, q, k, v):13.3f}")
             except Exception as e:  # noqa: BLE001

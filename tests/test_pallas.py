@@ -20,9 +20,9 @@ from attnax.kernels._pallas import pallas_flash_attention
 from attnax.reference import attention_reference
 
 try:
-    from conformance import BF16, AttentionConformance, random_qkv, to64, oracle
+    from conformance import BF16, AttentionConformance, oracle, random_qkv, to64
 except ImportError:  # tests/ imported as a package
-    from tests.conformance import BF16, AttentionConformance, random_qkv, to64, oracle
+    from tests.conformance import BF16, AttentionConformance, oracle, random_qkv, to64
 
 _REASONS = {
     "float64": "the Mosaic GPU kernel computes in bfloat16/float16",

@@ -28,8 +28,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from attnax.kernels._pallas_mgpu_common import (
     WGMMA_COL,
     WGMMA_ROW,
-    Lowering,
     LoadTape,
+    Lowering,
     TileContext,
     TileWalk,
     drain_ring,
@@ -316,7 +316,8 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     q_idx = q_start + low.iota((bkv, bq), 1)
                     ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
                     s, vjp = _tile_scores(
-                        s, transform, st.unit_derivative, mask_fn, st.has_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
+                        s, transform, st.unit_derivative, mask_fn, st.has_mask, is_partial,
+                        b, h, q_idx, kv_idx, ctx_box, ctx,
                     )
                     lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                     delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
@@ -365,7 +366,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     rows = pl.ds(j * bq, bq)
                     slot = lax.rem(t, jnp.int32(stages))
                     wait_slot_free((free,), t, stages)
-                    srcs = (q_ref.at[b, h, rows], do_ref.at[b, h, rows], lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])
+                    srcs = (ref.at[b, h, rows] for ref in (q_ref, do_ref, lse_ref, delta_ref))
                     for src, dst, bar in zip(srcs, (q_smem, do_smem, lse_smem, delta_smem), ready):
                         plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
