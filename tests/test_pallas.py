@@ -158,3 +158,15 @@ def test_long_unmasked_d64_uses_256_key_tiles():
     ct = jnp.asarray(np.random.default_rng(4).standard_normal(out.shape), jnp.bfloat16)
     for a, b in zip(vjp(ct), rvjp(to64(ct))):
         np.testing.assert_allclose(np.asarray(a, np.float64), b, atol=5e-2)
+
+
+def test_unit_score_derivative_detects_additive_mods():
+    """Additive mods skip the per-tile JVP in the backward; others keep it."""
+    from attnax.kernels import additive_bias_mod, alibi_mod, compose_score_mods, softcap_mod
+    from attnax.kernels._pallas_mgpu_common import unit_score_derivative
+
+    assert unit_score_derivative(alibi_mod(4))
+    assert unit_score_derivative(compose_score_mods(causal_mod(), alibi_mod(4)))
+    assert unit_score_derivative(additive_bias_mod(jnp.ones((1, 1, 8, 8))))
+    assert not unit_score_derivative(softcap_mod(20.0))
+    assert not unit_score_derivative(compose_score_mods(alibi_mod(4), softcap_mod(20.0)))

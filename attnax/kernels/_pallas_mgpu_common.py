@@ -31,9 +31,8 @@ def interpret_params():
 
 # plgpu.load takes the index as a separate argument in jax 0.10 and deprecates
 # it in jax 0.11 (index the ref instead).
-_LOAD_NEEDS_INDEX = inspect.signature(plgpu.load).parameters.get("idx", None) is not None and (
-    inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
-)
+_LOAD_PARAMS = inspect.signature(plgpu.load).parameters
+_LOAD_NEEDS_INDEX = "idx" in _LOAD_PARAMS and _LOAD_PARAMS["idx"].default is inspect.Parameter.empty
 
 
 def _load(ref, layout):
@@ -90,20 +89,11 @@ class Lowering:
 
         return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
-    def matmul_acc(self, acc, a, b_smem, during=None):
+    def matmul_acc(self, acc, a, b_smem):
         """``acc + a @ b`` accumulated in place in the wgmma registers (``acc`` f32)."""
         if self.interpret:
-            out = acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
-            if during is not None:
-                during()
-            return out
-
-        def body(acc_ref):
-            plgpu.wgmma(acc_ref, a, b_smem)
-            if during is not None:
-                during()
-
-        return pl.run_state(body)(plgpu.ACC.init(acc))
+            return acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
+        return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b_smem))(plgpu.ACC.init(acc))
 
     # Asynchronous accumulation. Compiled, accumulators are wgmma registers
     # (``plgpu.ACC``) that several matmuls write in flight, read with an explicit
