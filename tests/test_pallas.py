@@ -27,7 +27,6 @@ except ImportError:  # tests/ imported as a package
 _REASONS = {
     "float64": "the Mosaic GPU kernel computes in bfloat16/float16",
     "dropout": "dropout is not implemented in the Pallas kernel yet",
-    "mask": "dense `mask=` arrays are not implemented in the Pallas kernel yet (use a mask_mod)",
     "grad_mod_leaves": "gradients to mod array leaves are not implemented in the Pallas kernel yet",
     "vmap": "plgpu.kernel has no batching rule",
 }
@@ -40,7 +39,6 @@ class _PallasCases(AttentionConformance):
     shapes = ((2, 4, 2, 37, 53, 16), (1, 2, 1, 5, 140, 8))
     supports_float64 = False
     supports_dropout = False
-    supports_mask = False
     supports_grad_mod_leaves = False
     supports_vmap = False
     skip_reasons = _REASONS
@@ -68,7 +66,8 @@ def _interpret_subset(request):
 # offsets and prefix lengths, a two-sided window with an offset, a 1-D leaf
 # (ALiBi slopes), a 2-D leaf (a full bias: the backward's transposed twin),
 # per-batch document ids for queries and keys, plain-callable masks combined,
-# and a block mask with a mask mod. The GPU class and ATTNAX_PALLAS_FULL=1 run all.
+# a block mask with a mask mod, and a [T, S] dense mask with causal and an offset.
+# The GPU class and ATTNAX_PALLAS_FULL=1 run all.
 _CI_MOD_CASES = {
     "masks": ["causal_per_batch_offset", "prefix_lm_per_batch"],
     "windows": ["window_left_right"],
@@ -76,6 +75,7 @@ _CI_MOD_CASES = {
     "documents": ["document_kv_segments"],
     "compositions": ["mask_mod_or", "mask_mod_plus_score_mod"],
     "block_mask": ["block_mask_with_offset_and_mask_mod"],
+    "dense_mask": ["dense_mask_broadcast_with_causal"],
 }
 
 
@@ -170,3 +170,12 @@ def test_unit_score_derivative_detects_additive_mods():
     assert unit_score_derivative(additive_bias_mod(jnp.ones((1, 1, 8, 8))))
     assert not unit_score_derivative(softcap_mod(20.0))
     assert not unit_score_derivative(compose_score_mods(alibi_mod(4), softcap_mod(20.0)))
+
+
+def test_dense_mask_rows_need_a_static_q_offset():
+    """A dense mask with a row per query is indexed at absolute positions: a traced q_offset raises."""
+    q, k, v = random_qkv(5, 1, 1, 1, 16, 32, 16, dtype=jnp.bfloat16)
+    rows = jnp.asarray(np.random.default_rng(5).random((16, 32)) < 0.5)
+    f = jax.jit(lambda q, k, v, off: pallas_flash_attention(q, k, v, mask=rows, q_offset=off, interpret=True))
+    with pytest.raises(NotImplementedError, match="static Python int `q_offset`"):
+        f(q, k, v, jnp.int32(3))

@@ -29,7 +29,9 @@ def _auto(query, key, value, kwargs) -> str:
     # Pallas kernel serves every other mod and beats FlexAttention there.
     if cudnn_unsupported_reason(query, key, value, **kwargs) is None:
         return "cudnn"
-    if pallas_unsupported_reason(query, key, value, **kwargs) is None:
+    # Dense masks stay off the Pallas kernel here: it reads them as int32
+    # tiles, unmeasured against the other paths.
+    if kwargs.get("mask") is None and pallas_unsupported_reason(query, key, value, **kwargs) is None:
         return "pallas"
     T, S = query.shape[-2], key.shape[-2]
     return "xla" if T * S <= _DENSE_LIMIT else "memory_efficient"

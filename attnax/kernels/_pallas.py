@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from attnax.kernels import _pallas_mgpu_common as common
 from attnax.kernels import _pallas_mgpu_sm90 as sm90
 from attnax.kernels import _pallas_mgpu_sm90_bwd as sm90_bwd
 from attnax.kernels._tiles import diff_leaves
-from attnax.score_mods._base import _as_mask_mod, _as_score_mod, and_masks
+from attnax.score_mods._base import AttentionMod, _as_mask_mod, _as_score_mod, and_masks, mod_dataclass
 
 __all__ = ["PallasFlashConfig", "pallas_flash_attention"]
 
@@ -388,6 +389,8 @@ def _block_static(q, k, v, extras, static, interpret: bool) -> _Static:
     )  # fmt: skip
     if why is None and extras.block_mask is not None:
         why = "ring blocks take their masks from mods, not a block_mask"
+    if why is None and extras.mask is not None:
+        why = "ring blocks take their masks from mods, not a dense mask"
     if why is not None:
         raise NotImplementedError(f"ring attention with inner='pallas' cannot serve these arguments: {why}")
     B, H, T, D = q.shape
@@ -430,20 +433,48 @@ def _on_gpu() -> bool:
         return False
 
 
-def pallas_unsupported_reason(query, key, value, *, mask=None, dropout_rate=0.0, deterministic=True,
+def pallas_unsupported_reason(query, key, value, *, mask=None, q_offset=0, dropout_rate=0.0, deterministic=True,
                               interpret=False, **_) -> str | None:
     """Why :func:`pallas_flash_attention` cannot serve these arguments, or None."""
     if not interpret and not _on_gpu():
         return "the Mosaic GPU kernel needs an NVIDIA GPU (or interpret=True on CPU)"
     if query.dtype not in (jnp.bfloat16, jnp.float16):
         return f"the Mosaic GPU kernel computes in bfloat16/float16; got {query.dtype}"
-    if mask is not None:
-        return "dense `mask=` arrays are not implemented in the Pallas kernel yet (express it as a mask_mod)"
+    if mask is not None and jnp.ndim(mask) >= 2 and jnp.shape(mask)[-2] > 1 and not isinstance(q_offset, int):
+        return (
+            "a dense `mask=` with a row per query needs a static Python int `q_offset` in the Pallas kernel "
+            "(express the mask as a mask_mod, or use implementation='memory_efficient')"
+        )
     if dropout_rate and not deterministic:
         return "dropout is not implemented in the Pallas kernel yet"
     if max(query.shape[-1], value.shape[-1]) > 256:
         return f"head dims above 256 are not supported; got D={query.shape[-1]}, Dv={value.shape[-1]}"
     return None
+
+
+@mod_dataclass
+class _DenseMaskMod(AttentionMod):
+    """A dense ``mask=`` array as a mask mod.
+
+    ``visible`` is ``[Bm, Hm, Tm, S]`` (each of ``Bm``, ``Hm``, ``Tm`` full or
+    1); with ``Tm > 1`` its rows sit at absolute query positions (padded in
+    front by the static ``q_offset``), so the kernels index it by ``q_idx``.
+    """
+
+    visible: Any
+    has_mask: ClassVar[bool] = True
+
+    def mask(self, b, h, q_idx, kv_idx):
+        m = self.visible
+        idx = tuple(i if n > 1 else 0 for i, n in zip((b, h, q_idx, kv_idx), m.shape))
+        return m[idx] != 0
+
+
+def _dense_mask_mod(mask, q_offset) -> _DenseMaskMod:
+    """``mask``: rank 4, broadcastable to ``[B, H, T, S]`` (from ``check_attention_args``)."""
+    if mask.shape[2] > 1 and q_offset:
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (q_offset, 0), (0, 0)))
+    return _DenseMaskMod(mask)
 
 
 def pallas_flash_attention(
@@ -481,8 +512,12 @@ def pallas_flash_attention(
         score_mod, mask_mod, block_mask, scale, q_offset, return_lse: see
             :class:`attnax.typing.AttentionFn`. A ``block_mask`` must use the
             kernel's tiles, ``(2 * block_q, block_kv)``.
-        mask: dense masks are not implemented in this kernel yet
-            (``NotImplementedError``; express the mask as a ``mask_mod``).
+        mask: a dense boolean mask broadcastable to ``[B, H, T, S]``. It
+            becomes a mask mod whose array leaf the kernel reads tile by tile
+            (as int32: four bytes per score, where a ``mask_mod`` computing the
+            same mask reads nothing); tiles are classified from it, so empty
+            tiles are still skipped. With a row per query (``T`` axis > 1) it
+            needs a static Python int ``q_offset``.
         dropout_rate: dropout is not implemented in this kernel yet
             (``NotImplementedError`` when active).
         dropout_rng: unused while dropout is not implemented.
@@ -515,12 +550,16 @@ def pallas_flash_attention(
             f"`backend={backend!r}` is not available; pallas_flash_attention implements {list(_BACKENDS)}."
         )
     why = pallas_unsupported_reason(
-        query, key, value, mask=mask, dropout_rate=dropout_rate, deterministic=deterministic, interpret=interpret
+        query, key, value, mask=mask, q_offset=args.q_offset, dropout_rate=dropout_rate, deterministic=deterministic,
+        interpret=interpret,
     )
     if why is not None:
         raise NotImplementedError(f"pallas_flash_attention cannot serve these arguments: {why}")
     smod = None if score_mod is None else _as_score_mod(score_mod)
     mmod = None if mask_mod is None else _as_mask_mod(mask_mod)
+    if args.mask is not None:
+        dense = _dense_mask_mod(args.mask, args.q_offset).mask_mod
+        mmod = dense if mmod is None else and_masks(mmod, dense)
     masked = any(part is not None for part in _mask_parts(smod, mmod, block_mask))
     config = block_sizes or default_config(d.D, kv_len=d.S, masked=masked)
     if not isinstance(config, PallasFlashConfig):
