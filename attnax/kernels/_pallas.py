@@ -510,8 +510,10 @@ def pallas_flash_attention(
         key: ``[B, Hk, S, D]``.
         value: ``[B, Hk, S, Dv]``.
         score_mod, mask_mod, block_mask, scale, q_offset, return_lse: see
-            :class:`attnax.typing.AttentionFn`. A ``block_mask`` must use the
-            kernel's tiles, ``(2 * block_q, block_kv)``.
+            :class:`attnax.typing.AttentionFn`. A ``block_mask`` lends its
+            classes when its blocks are multiples of the kernel's tiles
+            (``(128, 128)`` by default); other blocks are reclassified from
+            its ``mask_mod``.
         mask: a dense boolean mask broadcastable to ``[B, H, T, S]``. It
             becomes a mask mod whose array leaf the kernel reads tile by tile
             (as int32: four bytes per score, where a ``mask_mod`` computing the
