@@ -21,6 +21,7 @@ from attnax.kernels import _pallas_mgpu_sm90 as sm90
 from attnax.kernels import _pallas_mgpu_sm90_bwd as sm90_bwd
 from attnax.kernels._tiles import diff_leaves
 from attnax.score_mods._base import AttentionMod, _as_mask_mod, _as_score_mod, and_masks, mod_dataclass
+from attnax.score_mods._prebuilt import leaf_at
 
 __all__ = ["PallasFlashConfig", "pallas_flash_attention"]
 
@@ -465,9 +466,7 @@ class _DenseMaskMod(AttentionMod):
     has_mask: ClassVar[bool] = True
 
     def mask(self, b, h, q_idx, kv_idx):
-        m = self.visible
-        idx = tuple(i if n > 1 else 0 for i, n in zip((b, h, q_idx, kv_idx), m.shape))
-        return m[idx] != 0
+        return leaf_at(self.visible, b, h, q_idx, kv_idx) != 0
 
 
 def _dense_mask_mod(mask, q_offset) -> _DenseMaskMod:

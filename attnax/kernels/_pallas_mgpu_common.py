@@ -131,6 +131,21 @@ class Lowering:
         if not self.interpret:
             plgpu.wgmma_wait(n)
 
+    def walk(self, accs, walk, body, t0=None):
+        """``walk.consume`` of ``body(j, t, is_partial)`` with ``accs`` live across the tiles.
+
+        Returns the visit count end, like ``TileWalk.consume``.
+        """
+
+        def visit(j, t, is_partial, values):
+            self.restore(accs, values)
+            body(j, t, is_partial)
+            return self.values(accs)
+
+        t, values = walk.consume(visit, self.values(accs), t0=t0)
+        self.restore(accs, values)
+        return t
+
     def values(self, accs):
         return tuple(a.value for a in accs) if self.interpret else ()
 

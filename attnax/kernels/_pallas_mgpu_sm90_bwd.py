@@ -190,13 +190,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                 plgpu.barrier_arrive(k_free.at[slot])
 
             def grad(dq_acc):
-                def visit(j, t, is_partial, values):
-                    low.restore((dq_acc,), values)
-                    step_body(j, t, is_partial, dq_acc)
-                    return low.values((dq_acc,))
-
-                _, values = walk.consume(visit, low.values((dq_acc,)))
-                low.restore((dq_acc,), values)
+                low.walk((dq_acc,), walk, lambda j, t, is_partial: step_body(j, t, is_partial, dq_acc))
                 return low.read(dq_acc)
 
             dq = low.accumulators(grad, (bq, D))
@@ -334,14 +328,10 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
 
                 def per_head(g, carry):
                     t, values = carry
+                    low.restore(accs, values)
                     h, walk = head_walk(g)
-
-                    def visit(j, t, is_partial, values):
-                        low.restore(accs, values)
-                        step_body(h, j, t, is_partial, *accs)
-                        return low.values(accs)
-
-                    return walk.consume(visit, values, t0=t)
+                    t = low.walk(accs, walk, lambda j, t, is_partial: step_body(h, j, t, is_partial, *accs), t0=t)
+                    return t, low.values(accs)
 
                 _, values = lax.fori_loop(0, G, per_head, (jnp.int32(0), low.values(accs)))
                 low.restore(accs, values)

@@ -142,6 +142,11 @@ class DocumentMaskMod(AttentionMod):
         return classify(full=full, empty=empty)
 
 
+def leaf_at(x, b, h, q_idx, kv_idx):
+    """``x[b, h, q_idx, kv_idx]`` of a ``[B, H, T, S]``-broadcastable leaf: size-1 axes read index 0."""
+    return x[tuple(0 if n == 1 else i for n, i in zip(x.shape, (b, h, q_idx, kv_idx)))]
+
+
 @mod_dataclass
 class AdditiveBiasMod(AttentionMod):
     """Adds ``bias[b, h, q_idx, kv_idx]`` (size-1 dimensions broadcast)."""
@@ -150,9 +155,7 @@ class AdditiveBiasMod(AttentionMod):
     has_transform: ClassVar[bool] = True
 
     def transform(self, score, b, h, q_idx, kv_idx):
-        bias = self.bias
-        idx = tuple(0 if n == 1 else i for n, i in zip(bias.shape, (b, h, q_idx, kv_idx)))
-        return score + bias[idx].astype(score.dtype)
+        return score + leaf_at(self.bias, b, h, q_idx, kv_idx).astype(score.dtype)
 
 
 @mod_dataclass
