@@ -34,15 +34,33 @@ def key_to_seed(rng) -> jax.Array:
     return words[:2]
 
 
+def _round(x, v):
+    return _fmix32(x ^ (jnp.asarray(v).astype(jnp.uint32) * _GOLDEN + np.uint32(0x7F4A7C15)))
+
+
+def head_state(seed, b, h) -> jax.Array:
+    """The hash state after ``seed``, ``b`` and ``h``: what a kernel can compute once per head."""
+    x = _fmix32(seed[0] ^ _GOLDEN)
+    for v in (seed[1], b, h):
+        x = _round(x, v)
+    return x
+
+
+def position_bits(state, q_idx, kv_idx) -> jax.Array:
+    """The uint32 bits of positions ``(q_idx, kv_idx)`` from a :func:`head_state`."""
+    return _round(_round(state, q_idx), kv_idx)
+
+
 def random_bits(seed, b, h, q_idx, kv_idx) -> jax.Array:
     """uint32 bits for each (b, h, q_idx, kv_idx), broadcast together."""
-    x = _fmix32(seed[0] ^ _GOLDEN)
-    for v in (seed[1], b, h, q_idx, kv_idx):
-        x = _fmix32(x ^ (jnp.asarray(v).astype(jnp.uint32) * _GOLDEN + np.uint32(0x7F4A7C15)))
-    return x
+    return position_bits(head_state(seed, b, h), q_idx, kv_idx)
+
+
+def threshold(rate: float) -> np.uint32:
+    """Bits at or above this are kept: a weight is dropped with probability ``rate``."""
+    return np.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
 
 
 def keep_mask(seed, rate: float, b, h, q_idx, kv_idx) -> jax.Array:
     """True where a weight is kept; each weight is dropped with probability ``rate``."""
-    threshold = np.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
-    return random_bits(seed, b, h, q_idx, kv_idx) >= threshold
+    return random_bits(seed, b, h, q_idx, kv_idx) >= threshold(rate)

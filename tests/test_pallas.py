@@ -26,7 +26,6 @@ except ImportError:  # tests/ imported as a package
 
 _REASONS = {
     "float64": "the Mosaic GPU kernel computes in bfloat16/float16",
-    "dropout": "dropout is not implemented in the Pallas kernel yet",
     "grad_mod_leaves": "gradients to mod array leaves are not implemented in the Pallas kernel yet",
     "vmap": "plgpu.kernel has no batching rule",
 }
@@ -38,7 +37,6 @@ class _PallasCases(AttentionConformance):
     bf16_grad_atol = 6e-2
     shapes = ((2, 4, 2, 37, 53, 16), (1, 2, 1, 5, 140, 8))
     supports_float64 = False
-    supports_dropout = False
     supports_grad_mod_leaves = False
     supports_vmap = False
     skip_reasons = _REASONS
@@ -47,9 +45,10 @@ class _PallasCases(AttentionConformance):
 # GPU interpret mode costs about a minute per conformance test on a 2-core CPU,
 # too much for CI's 20 minutes in full. CI runs forward + gradients on the
 # GQA/ragged shapes, every mod group (with q_offset, per-batch arrays, block
-# masks) and fully-masked rows; ATTNAX_PALLAS_FULL=1 runs every conformance
-# test in interpret mode, and the GPU class below runs all of them compiled.
-_CI_SUBSET = {"test_forward_and_grads", "test_mods", "test_fully_masked_rows"}
+# masks), fully-masked rows and dropout against the oracle; ATTNAX_PALLAS_FULL=1
+# runs every conformance test in interpret mode, and the GPU class below runs
+# all of them compiled.
+_CI_SUBSET = {"test_forward_and_grads", "test_mods", "test_fully_masked_rows", "test_dropout_matches_oracle"}
 
 
 @pytest.fixture(autouse=True)

@@ -359,6 +359,13 @@ def test_pallas_inner_one_device():
     np.testing.assert_allclose(lse, lse_r, atol=1e-3, rtol=0)
     for g, w in zip(got, want):
         np.testing.assert_allclose(up(g), w, atol=6e-2, rtol=0)
+    # Dropout: each block regenerates the keep mask at its global positions.
+    drop = {"dropout_rate": 0.25, "dropout_rng": jax.random.key(32), "deterministic": False}
+    out_d = jax.jit(lambda q, k, v: ring_attention(q, k, v, mesh=mesh1, seq_axis="sp", score_mod=mod, inner="pallas",
+                                                   **drop, **opts))(q, k, v)  # fmt: skip
+    want_d = attention_reference(*map(up, (q, k, v)), score_mod=mod, **drop)
+    assert not np.allclose(up(out_d), out_r, atol=2e-2)
+    np.testing.assert_allclose(up(out_d), want_d, atol=2e-2, rtol=0)
     # Explicit limits of the Pallas inner kernel: no gradients to mod leaves, no vma-checked shard_map.
     with pytest.raises(NotImplementedError, match="inner='memory_efficient'"):
         jax.grad(lambda s: ring_attention(q, k, v, mesh=mesh1, seq_axis="sp", score_mod=alibi_mod(slopes=s),

@@ -58,7 +58,7 @@ def flash_attention(query, key, value, *, implementation=None, **kwargs):
     (``benchmarks/results/``): on an NVIDIA GPU, cuDNN when it can express
     the masks (none, causal, sliding window; ``q_offset=0``; bf16/fp16), else
     the Pallas kernel when it can serve the arguments (bf16/fp16, no dense
-    ``mask``, no dropout); otherwise (CPU, float32, dropout, dense masks),
+    ``mask``); otherwise (CPU, float32, dense masks),
     inputs whose score matrix has at most 2048 x 2048 elements per head use
     the dense XLA kernel and longer ones the memory-efficient kernel
     (``O(T + S)`` memory).

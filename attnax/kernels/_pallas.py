@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from attnax import _dropout
 from attnax._validation import AttentionDims, check_attention_args
 from attnax.block_mask import EMPTY, FULL, PARTIAL, classify_tiles
 from attnax.kernels import _pallas_mgpu_common as common
@@ -201,10 +202,37 @@ class _Static:
     interpret: bool
     dims: object
     q_offset: int | None  # the static q_offset when it is a Python int (cheaper tile classes)
+    dropout_rate: float = 0.0
 
 
 def _class_offset(q_offset, st: _Static):
     return q_offset if st.q_offset is None else st.q_offset
+
+
+@mod_dataclass(static=("rate", "heads"))
+class _Dropout:
+    """Dropout in the kernels: the keep mask of :mod:`attnax._dropout`, hashed per tile.
+
+    ``state`` holds the hash state after the seed, ``b`` and ``h`` for every
+    ``(b, h)`` (computed once, outside the kernel); the kernels finish the hash
+    with each score's query and key positions.
+    """
+
+    state: Any  # uint32 [B * H]
+    rate: float
+    heads: int
+
+    def keep(self, b, h, q_idx, kv_idx):
+        bits = _dropout.position_bits(self.state[b * self.heads + h], q_idx, kv_idx)
+        return bits >= _dropout.threshold(self.rate)
+
+
+def _dropout_mod(seed, st: _Static) -> _Dropout | None:
+    if not st.dropout_rate:
+        return None
+    d = st.dims
+    b, h = jnp.arange(d.B, dtype=jnp.int32)[:, None], jnp.arange(d.H, dtype=jnp.int32)[None, :]
+    return _Dropout(_dropout.head_state(seed, b, h).reshape(-1), st.dropout_rate, d.H)
 
 
 @dataclasses.dataclass
@@ -223,20 +251,25 @@ class _Prepared:
     pad: object  # pads (x, seq_len, head_dim) along axes 2 and 3
 
 
-def _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, st: _Static) -> _Prepared:
+def _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st: _Static) -> _Prepared:
     d, cfg = st.dims, st.config
     bq_cta = 2 * cfg.block_q
     parts = _mask_parts(score_mod, mask_mod, block_mask)
     mask_fn = _combine_masks(parts)
     has_transform = score_mod is not None and score_mod.has_transform
-    mods = (score_mod if has_transform else None, parts)
+    mods = (score_mod if has_transform else None, parts, _dropout_mod(seed, st))
     operands, build = common.flatten_mods(
         mods, pad=max(bq_cta, cfg.block_kv), probe=common.exercise_mods(_combine_masks)
     )
 
     def build_mods(refs, ctx_getter):
-        smod, kparts = build(refs, ctx_getter)
-        return (smod.transform if smod is not None else None), _combine_masks(kparts)
+        """``(transform, mask_fn, keep_fn)`` in a kernel; each None when absent."""
+        smod, kparts, drop = build(refs, ctx_getter)
+        return (
+            smod.transform if smod is not None else None,
+            _combine_masks(kparts),
+            drop.keep if drop is not None else None,
+        )
 
     def pad(x, n, dim):
         return _pad_axis(_pad_axis(x, 2, n), 3, _round_up(dim, 64))
@@ -253,9 +286,9 @@ def _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, st: _Static) 
     )  # fmt: skip
 
 
-def _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st: _Static):
+def _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st: _Static):
     d, cfg = st.dims, st.config
-    pr = _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, st)
+    pr = _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st)
     lists = None
     if pr.sparse:
         classes = tile_classes(
@@ -265,7 +298,7 @@ def _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st: 
     fst = sm90.FwdStatic(
         block_q=cfg.block_q, block_kv=cfg.block_kv, num_stages=cfg.num_stages, scale=st.scale, T=d.T, S=d.S,
         group=d.group, has_transform=pr.has_transform, has_mask=pr.mask_fn is not None, sparse=pr.sparse,
-        mask_tail=d.S % cfg.block_kv != 0, interpret=st.interpret,
+        mask_tail=d.S % cfg.block_kv != 0, dropout=st.dropout_rate, interpret=st.interpret,
     )  # fmt: skip
     interpret = common.interpret_params() if st.interpret else None
     out, lse = sm90.forward_kernel_call(
@@ -285,13 +318,13 @@ _BWD_BLOCK_Q, _BWD_BLOCK_KV, _BWD_STAGES = 64, 64, 2
 _BWD_DQ_BLOCK_KV = {False: 128, True: 64}  # by whether a score transform runs
 
 
-def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out, lse, dout, dlse, st: _Static):
+def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse, dout, dlse, st: _Static):
     d, cfg = st.dims, st.config
     if d.D > 128 or d.Dv > 128:
         raise NotImplementedError(
             f"the pallas_flash_attention backward supports head dims up to 128 for now; got D={d.D}, Dv={d.Dv}."
         )
-    pr = _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, st)
+    pr = _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st)
     log2e = 1.4426950408889634
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     if dlse is not None:
@@ -313,7 +346,8 @@ def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out
     common_static = dict(
         scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,
         unit_derivative=pr.has_transform and common.unit_score_derivative(score_mod),
-        has_mask=pr.mask_fn is not None, sparse=pr.sparse, interpret=st.interpret, num_stages=_BWD_STAGES,
+        has_mask=pr.mask_fn is not None, sparse=pr.sparse, dropout=st.dropout_rate, interpret=st.interpret,
+        num_stages=_BWD_STAGES,
     )  # fmt: skip
     args = (qp, kp, vp, dop, lse2, delta, pr.offsets)
     dq = sm90_bwd.dq_kernel_call(
@@ -336,35 +370,37 @@ def _perturbed(x) -> bool:
         x, is_leaf=lambda y: isinstance(y, jax.custom_derivatives.CustomVJPPrimal)))  # fmt: skip
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _attention(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st):
-    return _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _attention(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st):
+    return _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st)
 
 
-def _attention_fwd(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st):
+def _attention_fwd(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st):
     if _perturbed((score_mod, mask_mod, block_mask)):
         raise NotImplementedError(
             "pallas_flash_attention does not differentiate with respect to the array leaves of its mods yet "
             "(a learnable bias or ALiBi slopes); use memory_efficient_attention for those gradients."
         )
-    q, k, v, q_offset, kv_offset = map(_value, (q, k, v, q_offset, kv_offset))
+    q, k, v, q_offset, kv_offset, seed = map(_value, (q, k, v, q_offset, kv_offset, seed))
     score_mod, mask_mod, block_mask = jax.tree_util.tree_map(
         _value, (score_mod, mask_mod, block_mask),
         is_leaf=lambda y: isinstance(y, jax.custom_derivatives.CustomVJPPrimal),
     )
-    out, lse = _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, st)
-    return (out, lse), (q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out, lse)
+    out, lse = _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st)
+    return (out, lse), (q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse)
 
 
 def _attention_bwd(st, res, cts):
-    q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out, lse = res
+    q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse = res
     dout, dlse = cts
     if isinstance(dout, jax.custom_derivatives.SymbolicZero):
         dout = jnp.zeros(out.shape, out.dtype)
     if isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         dlse = None
-    dq, dk, dv = _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, out, lse, dout, dlse, st)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _backward(
+        q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse, dout, dlse, st
+    )
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
@@ -384,10 +420,7 @@ traces_with_vma = False
 
 
 def _block_static(q, k, v, extras, static, interpret: bool) -> _Static:
-    why = pallas_unsupported_reason(
-        q, k, v, mask=extras.mask, dropout_rate=static.dropout_rate, deterministic=extras.seed is None,
-        interpret=interpret,
-    )  # fmt: skip
+    why = pallas_unsupported_reason(q, k, v, mask=extras.mask, interpret=interpret)
     if why is None and extras.block_mask is not None:
         why = "ring blocks take their masks from mods, not a block_mask"
     if why is None and extras.mask is not None:
@@ -397,7 +430,10 @@ def _block_static(q, k, v, extras, static, interpret: bool) -> _Static:
     B, H, T, D = q.shape
     _, Hk, S, Dv = v.shape
     dims = AttentionDims(B=B, H=H, Hk=Hk, T=T, S=S, D=D, Dv=Dv)
-    return _Static(scale=static.scale, config=default_config(D), interpret=interpret, dims=dims, q_offset=None)
+    rate = static.dropout_rate if extras.seed is not None else 0.0
+    return _Static(
+        scale=static.scale, config=default_config(D), interpret=interpret, dims=dims, q_offset=None, dropout_rate=rate
+    )
 
 
 def _block_mods(q, extras):
@@ -410,7 +446,7 @@ def forward(q, k, v, extras, static, *, interpret: bool = False):
     """One ring block: ``(out, lse)`` of ``q`` against ``k, v`` at absolute offsets."""
     st = _block_static(q, k, v, extras, static, interpret)
     smod, mmod, q_off = _block_mods(q, extras)
-    return _forward(q, k, v, q_off, extras.kv_offset, smod, mmod, None, st)
+    return _forward(q, k, v, q_off, extras.kv_offset, smod, mmod, None, extras.seed, st)
 
 
 def backward(q, k, v, extras, static, out, lse, dout, dlse=None, *, interpret: bool = False):
@@ -422,7 +458,7 @@ def backward(q, k, v, extras, static, out, lse, dout, dlse=None, *, interpret: b
     """
     st = _block_static(q, k, v, extras, static, interpret)
     smod, mmod, q_off = _block_mods(q, extras)
-    dq, dk, dv = _backward(q, k, v, q_off, extras.kv_offset, smod, mmod, None, out, lse, dout, dlse, st)
+    dq, dk, dv = _backward(q, k, v, q_off, extras.kv_offset, smod, mmod, None, extras.seed, out, lse, dout, dlse, st)
     leaves, _ = diff_leaves(extras.score_mod)
     return dq, dk, dv, [jnp.zeros(jnp.shape(x), x.dtype) for x in leaves]
 
@@ -434,8 +470,7 @@ def _on_gpu() -> bool:
         return False
 
 
-def pallas_unsupported_reason(query, key, value, *, mask=None, q_offset=0, dropout_rate=0.0, deterministic=True,
-                              interpret=False, **_) -> str | None:
+def pallas_unsupported_reason(query, key, value, *, mask=None, q_offset=0, interpret=False, **_) -> str | None:
     """Why :func:`pallas_flash_attention` cannot serve these arguments, or None."""
     if not interpret and not _on_gpu():
         return "the Mosaic GPU kernel needs an NVIDIA GPU (or interpret=True on CPU)"
@@ -446,8 +481,6 @@ def pallas_unsupported_reason(query, key, value, *, mask=None, q_offset=0, dropo
             "a dense `mask=` with a row per query needs a static Python int `q_offset` in the Pallas kernel "
             "(express the mask as a mask_mod, or use implementation='memory_efficient')"
         )
-    if dropout_rate and not deterministic:
-        return "dropout is not implemented in the Pallas kernel yet"
     if max(query.shape[-1], value.shape[-1]) > 256:
         return f"head dims above 256 are not supported; got D={query.shape[-1]}, Dv={value.shape[-1]}"
     return None
@@ -519,10 +552,11 @@ def pallas_flash_attention(
             same mask reads nothing); tiles are classified from it, so empty
             tiles are still skipped. With a row per query (``T`` axis > 1) it
             needs a static Python int ``q_offset``.
-        dropout_rate: dropout is not implemented in this kernel yet
-            (``NotImplementedError`` when active).
-        dropout_rng: unused while dropout is not implemented.
-        deterministic: True (the default) keeps dropout off.
+        dropout_rate, dropout_rng, deterministic: see
+            :class:`attnax.typing.AttentionFn`. The kernels regenerate the
+            keep mask of every visited tile from the counter-based hash of
+            ``(dropout_rng, b, h, q_idx, kv_idx)`` (forward and backward
+            alike; nothing is stored), the same mask as every attnax kernel.
         block_sizes: a :class:`PallasFlashConfig` (default: by head dim).
         backend: ``'mosaic_gpu'`` or None (by platform).
         interpret: run the kernel in the backend's interpret mode on CPU.
@@ -550,10 +584,7 @@ def pallas_flash_attention(
         raise NotImplementedError(
             f"`backend={backend!r}` is not available; pallas_flash_attention implements {list(_BACKENDS)}."
         )
-    why = pallas_unsupported_reason(
-        query, key, value, mask=mask, q_offset=args.q_offset, dropout_rate=dropout_rate, deterministic=deterministic,
-        interpret=interpret,
-    )
+    why = pallas_unsupported_reason(query, key, value, mask=mask, q_offset=args.q_offset, interpret=interpret)
     if why is not None:
         raise NotImplementedError(f"pallas_flash_attention cannot serve these arguments: {why}")
     smod = None if score_mod is None else _as_score_mod(score_mod)
@@ -568,7 +599,9 @@ def pallas_flash_attention(
     st = _Static(
         scale=args.scale, config=config, interpret=bool(interpret), dims=d,
         q_offset=args.q_offset if isinstance(args.q_offset, int) else None,
+        dropout_rate=args.dropout_rate if args.dropout_active else 0.0,
     )  # fmt: skip
     q_offset = jnp.broadcast_to(jnp.asarray(args.q_offset, jnp.int32), (d.B,))
-    out, lse = _attention(query, key, value, q_offset, jnp.int32(0), smod, mmod, block_mask, st)
+    seed = _dropout.key_to_seed(args.dropout_rng) if args.dropout_active else None
+    out, lse = _attention(query, key, value, q_offset, jnp.int32(0), smod, mmod, block_mask, seed, st)
     return (out, lse) if return_lse else out

@@ -428,7 +428,7 @@ def exercise_mods(mask_of):
     """A probe for :func:`flatten_mods` of ``(score mod or None, mask parts)`` pytrees."""
 
     def run(mods, b, h, q_idx, kv_idx):
-        smod, parts = mods
+        smod, parts = mods[:2]  # later entries (dropout) index leaves by scalars only
         outs = []
         if smod is not None:
             outs.append(smod.transform(jnp.zeros(q_idx.shape, jnp.float32), b, h, q_idx, kv_idx))

@@ -58,6 +58,7 @@ class FwdStatic:
     sparse: bool  # block lists given (else every kv tile is visited as full)
     mask_tail: bool  # S is not a multiple of block_kv
     interpret: bool
+    dropout: float = 0.0  # the dropout rate (0: off)
 
 
 def forward_kernel_call(
@@ -76,7 +77,7 @@ def forward_kernel_call(
             tiles per query tile ``[Bm, Hm, nq, 2]`` (``Bm``/``Hm`` 1 or full).
             None when ``st.sparse`` is False.
         mod_operands: flattened mod leaves (see ``flatten_mods``).
-        build_mods: rebuilds ``(transform, mask_fn)`` from the leaf refs.
+        build_mods: rebuilds ``(transform, mask_fn, keep_fn)`` from the leaf refs.
 
     Returns:
         ``out [B, H, Tp, Dv]`` (q dtype) and ``lse [B, H, Tp]`` float32 (natural log).
@@ -125,7 +126,7 @@ def forward_kernel_call(
             plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_row0, bq)], q_smem, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             ctx_box = [None]
-            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
+            transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0])
 
             m_i = low.cast(jnp.full((bq,), -jnp.inf, jnp.float32), WGMMA_ROW)
             l_i = low.cast(jnp.zeros((bq,), jnp.float32), WGMMA_ROW)
@@ -139,7 +140,7 @@ def forward_kernel_call(
                 s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv), during=sched_sync)
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = s * st.scale
-                if st.has_transform or need_mask:
+                if st.has_transform or need_mask or st.dropout:
                     kv_start = kv_off + j * bkv
                     q_idx = q_start + low.iota((bq, bkv), 0)
                     kv_idx = kv_start + low.iota((bq, bkv), 1)
@@ -165,6 +166,10 @@ def forward_kernel_call(
                 p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha + p.sum(axis=1)
+                if st.dropout:
+                    # The normaliser keeps every weight; P V only the kept ones
+                    # (scaled by 1 / (1 - rate) once, at the end).
+                    p = jnp.where(keep_fn(b, h, q_idx, kv_idx), p, 0.0)
                 p16 = p.astype(dtype)
                 acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                 plgpu.barrier_arrive(sched)
@@ -178,7 +183,8 @@ def forward_kernel_call(
             pl.when(wg == 0)(sched_sync)
 
             safe_l = jnp.where(l_i == 0.0, 1.0, l_i)
-            acc = acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])
+            inv_l = 1.0 / (safe_l * (1.0 - st.dropout)) if st.dropout else 1.0 / safe_l
+            acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
             q_smem[...] = acc.astype(dtype)
             lse_smem[...] = jnp.where(l_i == 0.0, -jnp.inf, (m_i + jnp.log2(safe_l)) * _LN2)
             plgpu.commit_smem()

@@ -59,6 +59,7 @@ class BwdStatic:
     has_mask: bool
     sparse: bool
     interpret: bool
+    dropout: float = 0.0  # the dropout rate (0: off)
 
 
 def _tail_mask(mask_fn, kv_idx, S):
@@ -94,6 +95,13 @@ def _tile_scores(s, transform, unit, mask_fn, need_mask, is_partial, b, h, q_idx
     if need_mask and mask_fn is not None:
         s = lax.cond(is_partial, lambda s: jnp.where(mask_fn(b, h, q_idx, kv_idx), s, -jnp.inf), lambda s: s, s)
     return s, vjp
+
+
+def _dropped(st: BwdStatic, keep, x):
+    """``x * keep / (1 - rate)`` under dropout (``keep`` a boolean tile), else ``x``."""
+    if not st.dropout:
+        return x
+    return jnp.where(keep, x * (1.0 / (1.0 - st.dropout)), 0.0)
 
 
 def _accumulate_ds(low, acc, p, dp, delta, axis: int, vjp, b_smem):
@@ -159,7 +167,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
             lse_row = low.load(lse_smem2.at[wg], WGMMA_ROW)
             delta_row = low.load(delta_smem2.at[wg], WGMMA_ROW)
             ctx_box = [None]
-            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
+            transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0])
 
             def step_body(j, t, is_partial, dq_acc):
                 slot = lax.rem(t, jnp.int32(stages))
@@ -182,7 +190,8 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                         s, transform, st.unit_derivative, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
                     )
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
-                    dp = low.read(dp_acc, wait_n=0)
+                    keep = keep_fn(b, h, q_idx, kv_idx) if st.dropout else None
+                    dp = _dropped(st, keep, low.read(dp_acc, wait_n=0))
                     plgpu.barrier_arrive(v_free.at[slot])
                     _accumulate_ds(low, dq_acc, p, dp, delta_row, 0, vjp, k_slot)
 
@@ -291,7 +300,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             plgpu.barrier_wait(kv_bars[0].at[wg])
             plgpu.barrier_wait(kv_bars[1].at[wg])
             ctx_box = [None]
-            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
+            transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0])
 
             def step_body(h, j, t, is_partial, dk_acc, dv_acc):
                 slot = lax.rem(t, jnp.int32(stages))
@@ -316,8 +325,9 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                     delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
-                    low.mma(dv_acc, p.astype(dtype), do_slot)
-                    dp = low.read(dp_acc, wait_n=1)
+                    keep = keep_fn(b, h, q_idx, kv_idx) if st.dropout else None
+                    low.mma(dv_acc, _dropped(st, keep, p).astype(dtype), do_slot)
+                    dp = _dropped(st, keep, low.read(dp_acc, wait_n=1))
                     _accumulate_ds(low, dk_acc, p, dp, delta_col, 1, vjp, q_slot)
 
                 low.accumulators(tile, (bkv, bq), (bkv, bq))

@@ -64,21 +64,21 @@ class _Inner:
         return self.module.backward(*args, **dict(self.options))
 
 
-def _pallas_serves(query, key, value, dropout_rate) -> bool:
+def _pallas_serves(query, key, value) -> bool:
     from attnax.kernels._pallas import pallas_unsupported_reason
 
-    return pallas_unsupported_reason(query, key, value, dropout_rate=dropout_rate, deterministic=False) is None
+    return pallas_unsupported_reason(query, key, value) is None
 
 
-def _resolve_inner(inner, interpret: bool, query, key, value, dropout_rate):
+def _resolve_inner(inner, interpret: bool, query, key, value):
     """``inner=`` as an :class:`_Inner`.
 
     None picks the Pallas kernel on GPUs where it serves the inputs
-    (bfloat16/float16, no dropout), else the memory-efficient kernel.
+    (bfloat16/float16), else the memory-efficient kernel.
     """
     if inner is None:
         on_gpu = jax.default_backend() == "gpu"
-        inner = "pallas" if on_gpu and _pallas_serves(query, key, value, dropout_rate) else "memory_efficient"
+        inner = "pallas" if on_gpu and _pallas_serves(query, key, value) else "memory_efficient"
     if interpret and inner != "pallas":
         raise ValueError(f"`interpret=True` runs the Pallas inner kernel in interpret mode; it needs inner='pallas', "
                          f"got inner={inner!r}.")  # fmt: skip
@@ -396,8 +396,8 @@ def ring_attention(
         layout: ``"zigzag"`` (balanced under causal masks) or
             ``"contiguous"``.
         inner: per-block kernel: ``"memory_efficient"``, ``"pallas"`` (the
-            Mosaic GPU flash kernel: bfloat16/float16, no dropout, no
-            gradients to mod leaves), an object with ``forward``/``backward``
+            Mosaic GPU flash kernel: bfloat16/float16, no gradients to mod
+            leaves), an object with ``forward``/``backward``
             of the memory-efficient kernel's signatures, or None: ``"pallas"``
             on GPUs when it serves the inputs, else ``"memory_efficient"``.
         score_mod, mask_mod, scale, q_offset, dropout_rate, dropout_rng, deterministic, return_lse: see
@@ -438,7 +438,7 @@ def ring_attention(
     config = kernel_options.get("config") or MemoryEfficientConfig()
     if not isinstance(config, MemoryEfficientConfig):
         raise TypeError(f"`config` must be a MemoryEfficientConfig; got {type(config).__name__}.")
-    inner = _resolve_inner(inner, bool(kernel_options.get("interpret", False)), query, key, value, args.dropout_rate)
+    inner = _resolve_inner(inner, bool(kernel_options.get("interpret", False)), query, key, value)
     st = _RingStatic(
         axis_name=axis_name if style == "shard_map" else seq_axis, layout=layout, inner=inner,
         scale=args.scale, dropout_rate=args.dropout_rate, block_q=config.block_q, block_kv=config.block_kv,
