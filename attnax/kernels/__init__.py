@@ -9,6 +9,7 @@ from attnax.kernels._paged import PagedAttentionConfig
 from attnax.kernels._paged import paged_attention
 from attnax.kernels._pallas import PallasFlashConfig
 from attnax.kernels._pallas import pallas_flash_attention
+from attnax.kernels._pallas_autotune import autotune_pallas_config
 from attnax.kernels._ring import ring_attention
 from attnax.kernels._ring import ring_attention_reference
 from attnax.kernels._ring_layout import ring_block_counts
@@ -38,6 +39,7 @@ __all__ = [
     "alibi_mod",
     "alibi_slopes",
     "and_masks",
+    "autotune_pallas_config",
     "causal_mod",
     "compose_score_mods",
     "cudnn_attention",

@@ -509,6 +509,34 @@ def _dense_mask_mod(mask, q_offset) -> _DenseMaskMod:
     return _DenseMaskMod(mask)
 
 
+def _checked_call(
+    query, key, value, *, score_mod, mask_mod, mask, block_mask, scale, q_offset, dropout_rate, dropout_rng,
+    deterministic, backend, interpret, **_,
+):  # fmt: skip
+    """Checks a call (before its tiling is chosen): ``(args, score mod, mask mod incl. a dense mask, masked)``."""
+    args = check_attention_args(
+        query, key, value, score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask,
+        scale=scale, q_offset=q_offset, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        deterministic=deterministic,
+    )  # fmt: skip
+    if backend is None:
+        backend = "mosaic_gpu"
+    if backend not in _BACKENDS:
+        raise NotImplementedError(
+            f"`backend={backend!r}` is not available; pallas_flash_attention implements {list(_BACKENDS)}."
+        )
+    why = pallas_unsupported_reason(query, key, value, mask=mask, q_offset=args.q_offset, interpret=interpret)
+    if why is not None:
+        raise NotImplementedError(f"pallas_flash_attention cannot serve these arguments: {why}")
+    smod = None if score_mod is None else _as_score_mod(score_mod)
+    mmod = None if mask_mod is None else _as_mask_mod(mask_mod)
+    if args.mask is not None:
+        dense = _dense_mask_mod(args.mask, args.q_offset).mask_mod
+        mmod = dense if mmod is None else and_masks(mmod, dense)
+    masked = any(part is not None for part in _mask_parts(smod, mmod, block_mask))
+    return args, smod, mmod, masked
+
+
 def pallas_flash_attention(
     query,
     key,
@@ -557,7 +585,12 @@ def pallas_flash_attention(
             keep mask of every visited tile from the counter-based hash of
             ``(dropout_rng, b, h, q_idx, kv_idx)`` (forward and backward
             alike; nothing is stored), the same mask as every attnax kernel.
-        block_sizes: a :class:`PallasFlashConfig` (default: by head dim).
+        block_sizes: a :class:`PallasFlashConfig`; None (the default) for a
+            heuristic tiling by head dim, key length and masking; or
+            ``'autotune'`` for the config that :func:`autotune_pallas_config`
+            cached for this call's signature. With nothing cached, concrete
+            arguments are tuned on the spot; traced ones (inside ``jax.jit``)
+            raise a ``ValueError``: tune before jitting.
         backend: ``'mosaic_gpu'`` or None (by platform).
         interpret: run the kernel in the backend's interpret mode on CPU.
 
@@ -572,30 +605,31 @@ def pallas_flash_attention(
         >>> out.shape, out.dtype
         ((1, 1, 128, 64), dtype(bfloat16))
     """
-    args = check_attention_args(
-        query, key, value, score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask,
-        scale=scale, q_offset=q_offset, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        deterministic=deterministic,
+    args, smod, mmod, masked = _checked_call(
+        query, key, value, score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask, scale=scale,
+        q_offset=q_offset, dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic,
+        backend=backend, interpret=interpret,
     )  # fmt: skip
     d = args.dims
-    if backend is None:
-        backend = "mosaic_gpu"
-    if backend not in _BACKENDS:
-        raise NotImplementedError(
-            f"`backend={backend!r}` is not available; pallas_flash_attention implements {list(_BACKENDS)}."
+    if isinstance(block_sizes, str):
+        if block_sizes != "autotune":
+            raise ValueError(f"`block_sizes` must be a PallasFlashConfig, 'autotune' or None; got {block_sizes!r}.")
+        from attnax.kernels._pallas_autotune import tuned_config  # that module imports this one
+
+        config = tuned_config(query, key, value, dict(
+            score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask, scale=scale, q_offset=q_offset,
+            dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic, return_lse=return_lse,
+            backend=backend, interpret=interpret,
+        ))  # fmt: skip
+    elif block_sizes is None:
+        config = default_config(d.D, kv_len=d.S, masked=masked)
+    elif isinstance(block_sizes, PallasFlashConfig):
+        config = block_sizes
+    else:
+        raise TypeError(
+            f"`block_sizes` must be a PallasFlashConfig, 'autotune' or None; got {block_sizes!r} "
+            f"({type(block_sizes).__name__})."
         )
-    why = pallas_unsupported_reason(query, key, value, mask=mask, q_offset=args.q_offset, interpret=interpret)
-    if why is not None:
-        raise NotImplementedError(f"pallas_flash_attention cannot serve these arguments: {why}")
-    smod = None if score_mod is None else _as_score_mod(score_mod)
-    mmod = None if mask_mod is None else _as_mask_mod(mask_mod)
-    if args.mask is not None:
-        dense = _dense_mask_mod(args.mask, args.q_offset).mask_mod
-        mmod = dense if mmod is None else and_masks(mmod, dense)
-    masked = any(part is not None for part in _mask_parts(smod, mmod, block_mask))
-    config = block_sizes or default_config(d.D, kv_len=d.S, masked=masked)
-    if not isinstance(config, PallasFlashConfig):
-        raise TypeError(f"`block_sizes` must be a PallasFlashConfig; got {type(config).__name__}.")
     st = _Static(
         scale=args.scale, config=config, interpret=bool(interpret), dims=d,
         q_offset=args.q_offset if isinstance(args.q_offset, int) else None,
