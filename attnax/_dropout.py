@@ -34,7 +34,8 @@ def key_to_seed(rng) -> jax.Array:
     return words[:2]
 
 
-def _round(x, v):
+def mix(x, v):
+    """One round of the hash: the state ``x`` absorbs ``v`` (uint32 arrays, broadcast together)."""
     return _fmix32(x ^ (jnp.asarray(v).astype(jnp.uint32) * _GOLDEN + np.uint32(0x7F4A7C15)))
 
 
@@ -42,13 +43,13 @@ def head_state(seed, b, h) -> jax.Array:
     """The hash state after ``seed``, ``b`` and ``h``: what a kernel can compute once per head."""
     x = _fmix32(seed[0] ^ _GOLDEN)
     for v in (seed[1], b, h):
-        x = _round(x, v)
+        x = mix(x, v)
     return x
 
 
 def position_bits(state, q_idx, kv_idx) -> jax.Array:
     """The uint32 bits of positions ``(q_idx, kv_idx)`` from a :func:`head_state`."""
-    return _round(_round(state, q_idx), kv_idx)
+    return mix(mix(state, q_idx), kv_idx)
 
 
 def random_bits(seed, b, h, q_idx, kv_idx) -> jax.Array:

@@ -17,6 +17,7 @@ import pytest
 from attnax.block_mask import create_block_mask
 from attnax.kernels import causal_mod, document_mask_mod, sliding_window_mod
 from attnax.kernels._pallas import pallas_flash_attention
+from attnax.nn._layout import attend_btnh
 from attnax.reference import attention_reference
 
 try:
@@ -178,3 +179,34 @@ def test_dense_mask_rows_need_a_static_q_offset():
     f = jax.jit(lambda q, k, v, off: pallas_flash_attention(q, k, v, mask=rows, q_offset=off, interpret=True))
     with pytest.raises(NotImplementedError, match="static Python int `q_offset`"):
         f(q, k, v, jnp.int32(3))
+
+
+def _check_bshd_layout(interpret: bool, shape):
+    B, H, Hk, T, S, D = shape
+    q, k, v = random_qkv(7, B, H, Hk, T, S, D, dtype=jnp.bfloat16)
+    kw = {"score_mod": causal_mod(), "q_offset": 16, "dropout_rate": 0.2, "dropout_rng": jax.random.key(3),
+          "deterministic": False}  # fmt: skip
+    bshd = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    f = lambda q, k, v: pallas_flash_attention(q, k, v, layout="BSHD", interpret=interpret, **kw)  # noqa: E731
+    out, vjp = jax.vjp(jax.jit(f), *map(bshd, (q, k, v)))
+    assert out.shape == (B, T, H, D)
+    ref, rvjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **kw), *to64(q, k, v))
+    np.testing.assert_allclose(np.asarray(bshd(out), np.float64), ref, atol=2e-2)
+    ct = jax.random.normal(jax.random.key(8), ref.shape, jnp.float32)
+    for g, r, n in zip(vjp(bshd(ct).astype(out.dtype)), rvjp(ct.astype(jnp.float64)), "qkv"):
+        np.testing.assert_allclose(np.asarray(bshd(g), np.float64), r, atol=6e-2, err_msg=f"d{n}")
+    # attnax.nn hands its [B, T, H, D] projections to the kernel as they are.
+    btnh = attend_btnh(pallas_flash_attention, *map(bshd, (q, k, v)), interpret=interpret, **kw)
+    np.testing.assert_array_equal(np.asarray(btnh, np.float32), np.asarray(out, np.float32))
+    with pytest.raises(ValueError, match="layout"):
+        pallas_flash_attention(q, k, v, layout="BTHD", interpret=interpret)
+
+
+def test_bshd_layout_reads_and_writes_in_place():
+    """layout='BSHD': [B, S, H, D] in and out (gradients too), GQA, ragged lengths, dropout."""
+    _check_bshd_layout(True, (2, 4, 2, 37, 53, 16))
+
+
+@pytest.mark.gpu
+def test_bshd_layout_compiled():
+    _check_bshd_layout(False, (2, 4, 2, 300, 700, 64))

@@ -27,6 +27,7 @@ from attnax.score_mods._prebuilt import leaf_at
 __all__ = ["PallasFlashConfig", "pallas_flash_attention"]
 
 _BACKENDS = ("mosaic_gpu",)
+_LAYOUTS = ("BHSD", "BSHD")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +204,7 @@ class _Static:
     dims: object
     q_offset: int | None  # the static q_offset when it is a Python int (cheaper tile classes)
     dropout_rate: float = 0.0
+    bshd: bool = False  # q, k, v (and out, gradients) are [B, S, H, D]
 
 
 def _class_offset(q_offset, st: _Static):
@@ -222,9 +224,10 @@ class _Dropout:
     rate: float
     heads: int
 
-    def keep(self, b, h, q_idx, kv_idx):
-        bits = _dropout.position_bits(self.state[b * self.heads + h], q_idx, kv_idx)
-        return bits >= _dropout.threshold(self.rate)
+    def keep(self, b, h, q_positions, kv_idx, expand):
+        """``q_positions``: a vector along the tile's query axis; ``expand`` makes it a tile."""
+        state = _dropout.mix(self.state[b * self.heads + h], q_positions)  # once per query row
+        return _dropout.mix(expand(state), kv_idx) >= _dropout.threshold(self.rate)
 
 
 def _dropout_mod(seed, st: _Static) -> _Dropout | None:
@@ -248,7 +251,7 @@ class _Prepared:
     offsets: object  # int32 [2B]: the query offset of each batch row, then the key offset (repeated)
     operands: list
     build_mods: object
-    pad: object  # pads (x, seq_len, head_dim) along axes 2 and 3
+    pad: object  # pads (x, seq_len, head_dim) along the sequence and head-dim axes
 
 
 def _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st: _Static) -> _Prepared:
@@ -272,7 +275,7 @@ def _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st: _St
         )
 
     def pad(x, n, dim):
-        return _pad_axis(_pad_axis(x, 2, n), 3, _round_up(dim, 64))
+        return _pad_axis(_pad_axis(x, 1 if st.bshd else 2, n), 3, _round_up(dim, 64))
 
     return _Prepared(
         parts=parts, mask_fn=mask_fn, has_transform=has_transform,
@@ -298,14 +301,19 @@ def _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed
     fst = sm90.FwdStatic(
         block_q=cfg.block_q, block_kv=cfg.block_kv, num_stages=cfg.num_stages, scale=st.scale, T=d.T, S=d.S,
         group=d.group, has_transform=pr.has_transform, has_mask=pr.mask_fn is not None, sparse=pr.sparse,
-        mask_tail=d.S % cfg.block_kv != 0, dropout=st.dropout_rate, interpret=st.interpret,
+        mask_tail=d.S % cfg.block_kv != 0, dropout=st.dropout_rate, interpret=st.interpret, bshd=st.bshd,
     )  # fmt: skip
     interpret = common.interpret_params() if st.interpret else None
     out, lse = sm90.forward_kernel_call(
         pr.pad(q, pr.Tp, d.D), pr.pad(k, pr.Sp, d.D), pr.pad(v, pr.Sp, d.Dv), pr.offsets, lists, pr.operands,
         pr.build_mods, fst, interpret,
     )  # fmt: skip
-    return out[:, :, : d.T, : d.Dv], lse[:, :, : d.T]
+    return _unpad(out, d.T, d.Dv, st), lse[:, :, : d.T]
+
+
+def _unpad(x, n, dim, st: _Static):
+    """The first ``n`` rows and ``dim`` features of a padded q/k/v-like array."""
+    return x[:, :n, :, :dim] if st.bshd else x[:, :, :n, :dim]
 
 
 # Backward tiles: dQ streams kv tiles of _BWD_DQ_BLOCK_KV keys past 2 x 64 query
@@ -327,6 +335,8 @@ def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, see
     pr = _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st)
     log2e = 1.4426950408889634
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    if st.bshd:
+        delta = jnp.swapaxes(delta, 1, 2)  # [B, H, T], like the LSE
     if dlse is not None:
         delta = delta - dlse.astype(jnp.float32)
     # exp2(s - inf) = 0: rows with nothing visible (and padding rows) get p = 0.
@@ -347,7 +357,7 @@ def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, see
         scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,
         unit_derivative=pr.has_transform and common.unit_score_derivative(score_mod),
         has_mask=pr.mask_fn is not None, sparse=pr.sparse, dropout=st.dropout_rate, interpret=st.interpret,
-        num_stages=_BWD_STAGES,
+        num_stages=_BWD_STAGES, bshd=st.bshd,
     )  # fmt: skip
     args = (qp, kp, vp, dop, lse2, delta, pr.offsets)
     dq = sm90_bwd.dq_kernel_call(
@@ -358,7 +368,7 @@ def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, see
         *args, dkv_lists, pr.operands + common.transposed_twins(pr.operands), pr.build_mods,
         sm90_bwd.BwdStatic(block_q=_BWD_BLOCK_Q, block_kv=_BWD_BLOCK_KV, **common_static),
     )  # fmt: skip
-    return dq[:, :, : d.T, : d.D], dk[:, :, : d.S, : d.D], dv[:, :, : d.S, : d.Dv]
+    return _unpad(dq, d.T, d.D, st), _unpad(dk, d.S, d.D, st), _unpad(dv, d.S, d.Dv, st)
 
 
 def _value(x):
@@ -511,13 +521,17 @@ def _dense_mask_mod(mask, q_offset) -> _DenseMaskMod:
 
 def _checked_call(
     query, key, value, *, score_mod, mask_mod, mask, block_mask, scale, q_offset, dropout_rate, dropout_rng,
-    deterministic, backend, interpret, **_,
+    deterministic, backend, interpret, layout="BHSD", **_,
 ):  # fmt: skip
     """Checks a call (before its tiling is chosen): ``(args, score mod, mask mod incl. a dense mask, masked)``."""
+    if layout not in _LAYOUTS:
+        raise ValueError(
+            f"`layout` must be 'BHSD' ([batch, heads, seq, dim]) or 'BSHD' ([batch, seq, heads, dim]); got {layout!r}."
+        )
     args = check_attention_args(
         query, key, value, score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask,
         scale=scale, q_offset=q_offset, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        deterministic=deterministic,
+        deterministic=deterministic, layout=layout,
     )  # fmt: skip
     if backend is None:
         backend = "mosaic_gpu"
@@ -555,6 +569,7 @@ def pallas_flash_attention(
     block_sizes=None,
     backend=None,
     interpret=False,
+    layout="BHSD",
 ):
     r"""Flash attention as a Pallas kernel, with score and mask mods fused.
 
@@ -593,9 +608,15 @@ def pallas_flash_attention(
             raise a ``ValueError``: tune before jitting.
         backend: ``'mosaic_gpu'`` or None (by platform).
         interpret: run the kernel in the backend's interpret mode on CPU.
+        layout: ``'BHSD'`` (the default: ``[batch, heads, seq, dim]``) or
+            ``'BSHD'`` (``[batch, seq, heads, dim]``, as Flax and
+            FlashAttention lay them out) for ``query``, ``key``, ``value``,
+            the output and the gradients. The kernels read and write either
+            layout in place (strided TMA copies), so no transpose is made;
+            ``lse`` stays ``[B, H, T]``.
 
     Returns:
-        ``out [B, H, T, Dv]``, or ``(out, lse)``.
+        ``out [B, H, T, Dv]`` (``[B, T, H, Dv]`` in BSHD), or ``(out, lse)``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -608,7 +629,7 @@ def pallas_flash_attention(
     args, smod, mmod, masked = _checked_call(
         query, key, value, score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask, scale=scale,
         q_offset=q_offset, dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic,
-        backend=backend, interpret=interpret,
+        backend=backend, interpret=interpret, layout=layout,
     )  # fmt: skip
     d = args.dims
     if isinstance(block_sizes, str):
@@ -619,7 +640,7 @@ def pallas_flash_attention(
         config = tuned_config(query, key, value, dict(
             score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask, scale=scale, q_offset=q_offset,
             dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic, return_lse=return_lse,
-            backend=backend, interpret=interpret,
+            backend=backend, interpret=interpret, layout=layout,
         ))  # fmt: skip
     elif block_sizes is None:
         config = default_config(d.D, kv_len=d.S, masked=masked)
@@ -633,7 +654,7 @@ def pallas_flash_attention(
     st = _Static(
         scale=args.scale, config=config, interpret=bool(interpret), dims=d,
         q_offset=args.q_offset if isinstance(args.q_offset, int) else None,
-        dropout_rate=args.dropout_rate if args.dropout_active else 0.0,
+        dropout_rate=args.dropout_rate if args.dropout_active else 0.0, bshd=layout == "BSHD",
     )  # fmt: skip
     q_offset = jnp.broadcast_to(jnp.asarray(args.q_offset, jnp.int32), (d.B,))
     seed = _dropout.key_to_seed(args.dropout_rng) if args.dropout_active else None

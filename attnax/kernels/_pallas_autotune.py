@@ -91,7 +91,8 @@ def signature(query, key, value, kwargs: dict, *, grad: bool) -> str:
     dropout = bool(kwargs["dropout_rate"]) and not kwargs["deterministic"]  # as pallas_unsupported_reason reads it
     return "; ".join([
         *arrays, *mods, f"mask={None if mask is None else tuple(np.shape(mask))}", f"dropout={dropout}",
-        f"head_dim={query.shape[-1]},{value.shape[-1]}", f"grad={bool(grad)}", f"backend={kwargs['backend']}",
+        f"head_dim={query.shape[-1]},{value.shape[-1]}", f"layout={kwargs['layout']}", f"grad={bool(grad)}",
+        f"backend={kwargs['backend']}",
         f"interpret={bool(kwargs['interpret'])}", f"device={jax.devices()[0].device_kind}", f"jax={jax.__version__}",
     ])  # fmt: skip
 

@@ -41,6 +41,26 @@ def _load(ref, layout):
     return plgpu.load(ref, layout=layout, optimized=False)
 
 
+def bhsd_dims(x, bshd: bool):
+    """``(batch, heads, seq, dim)`` of a q/k/v-like array in the BHSD or BSHD layout."""
+    B, a, c, D = x.shape
+    return (B, c, a, D) if bshd else (B, a, c, D)
+
+
+def layout_shape(B, H, S, D, bshd: bool):
+    """The shape of a ``[B, H, S, D]`` array in the BHSD or BSHD layout."""
+    return (B, S, H, D) if bshd else (B, H, S, D)
+
+
+def slab(ref, b, h, rows, bshd: bool):
+    """Rows ``rows`` of head ``h`` of batch row ``b``: a ``[rows, dim]`` view for TMA.
+
+    In BSHD the rows are strided by ``heads * dim``; the TMA copy engine reads
+    them in place, so neither layout needs a transpose copy.
+    """
+    return ref.at[b, rows, h] if bshd else ref.at[b, h, rows]
+
+
 WGMMA = plgpu.Layout.WGMMA
 WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)
@@ -64,6 +84,16 @@ class Lowering:
         if self.interpret:
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
+
+    def vector_iota(self, n: int, axis: int):
+        """``0..n-1`` as a vector along ``axis`` of a wgmma tile (its row or column layout)."""
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, (n,), 0)
+        return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=WGMMA_ROW if axis == 0 else WGMMA_COL)
+
+    def broadcast(self, v, shape, axis: int):
+        """A vector along ``axis`` of a tile, repeated along the other axis."""
+        return self.cast(lax.broadcast_in_dim(v, shape, [axis]), WGMMA)
 
     def load(self, ref, layout):
         return ref[...] if self.interpret else _load(ref, layout)
@@ -294,8 +324,18 @@ class TileOperand:
             return low.load(self._twin.at[(*ref_idx[:-2], ref_idx[-1], ref_idx[-2])], WGMMA)
         # A vector along one tile axis, broadcast along the other.
         axis = ctx.q_axis if q_dim is not None else 1 - ctx.q_axis
-        v = low.load(self._ref.at[ref_idx], WGMMA_ROW if axis == 0 else WGMMA_COL)
-        return low.cast(lax.broadcast_in_dim(v, ctx.shape, [axis]), WGMMA)
+        return low.broadcast(low.load(self._ref.at[ref_idx], WGMMA_ROW if axis == 0 else WGMMA_COL), ctx.shape, axis)
+
+
+def tile_keep(keep_fn, b, h, ctx: TileContext):
+    """The dropout keep mask of a score tile: ``keep_fn(b, h, q_positions, kv_idx, expand)``.
+
+    The query positions come as a vector along the tile's query axis (hashed
+    once per row), ``expand`` repeats a vector over the tile.
+    """
+    low = ctx.lowering
+    q_vec = ctx.q_start + low.vector_iota(ctx.shape[ctx.q_axis], ctx.q_axis)
+    return keep_fn(b, h, q_vec, ctx.kv_idx, lambda v: low.broadcast(v, ctx.shape, ctx.q_axis))
 
 
 EMPTY, PARTIAL, FULL = 0, 1, 2

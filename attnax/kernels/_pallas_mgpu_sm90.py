@@ -31,7 +31,11 @@ from attnax.kernels._pallas_mgpu_common import (
     Lowering,
     TileContext,
     TileWalk,
+    bhsd_dims,
     drain_ring,
+    layout_shape,
+    slab,
+    tile_keep,
     wait_slot_free,
 )
 
@@ -59,6 +63,7 @@ class FwdStatic:
     mask_tail: bool  # S is not a multiple of block_kv
     interpret: bool
     dropout: float = 0.0  # the dropout rate (0: off)
+    bshd: bool = False  # q, k, v and out are [B, S, H, D] (else [B, H, S, D])
 
 
 def forward_kernel_call(
@@ -67,7 +72,8 @@ def forward_kernel_call(
     """Runs the forward kernel.
 
     Args:
-        q: ``[B, H, Tp, D]`` with ``Tp`` a multiple of ``2 * block_q``.
+        q: ``[B, H, Tp, D]`` with ``Tp`` a multiple of ``2 * block_q``
+            (``[B, Tp, H, D]`` with ``st.bshd``, and so on for k, v, out).
         k, v: ``[B, Hk, Sp, D]``, ``[B, Hk, Sp, Dv]`` with ``Sp`` a multiple of
             ``block_kv``.
         offsets: int32 ``[2B]``: each batch row's query offset, then its key
@@ -82,8 +88,8 @@ def forward_kernel_call(
     Returns:
         ``out [B, H, Tp, Dv]`` (q dtype) and ``lse [B, H, Tp]`` float32 (natural log).
     """
-    B, H, Tp, D = q.shape
-    _, Hk, Sp, Dv = v.shape
+    B, H, Tp, D = bhsd_dims(q, st.bshd)
+    _, Hk, Sp, Dv = bhsd_dims(v, st.bshd)
     bq, bkv, stages = st.block_q, st.block_kv, st.num_stages
     nq, nk = Tp // (2 * bq), Sp // bkv
     dtype = q.dtype
@@ -123,7 +129,7 @@ def forward_kernel_call(
             q_row0 = qi * (2 * bq) + wg * bq
             q_start = qoff_ref[b] + q_row0
             kv_off = qoff_ref[B + b]
-            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_row0, bq)], q_smem, q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(slab(q_ref, b, h, pl.ds(q_row0, bq), st.bshd), q_smem, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             ctx_box = [None]
             transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0])
@@ -144,7 +150,7 @@ def forward_kernel_call(
                     kv_start = kv_off + j * bkv
                     q_idx = q_start + low.iota((bq, bkv), 0)
                     kv_idx = kv_start + low.iota((bq, bkv), 1)
-                    ctx_box[0] = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
+                    ctx_box[0] = ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
                     if st.has_transform:
                         s = transform(s, b, h, q_idx, kv_idx).astype(jnp.float32)
                     if need_mask:
@@ -169,7 +175,7 @@ def forward_kernel_call(
                 if st.dropout:
                     # The normaliser keeps every weight; P V only the kept ones
                     # (scaled by 1 / (1 - rate) once, at the end).
-                    p = jnp.where(keep_fn(b, h, q_idx, kv_idx), p, 0.0)
+                    p = jnp.where(tile_keep(keep_fn, b, h, ctx), p, 0.0)
                 p16 = p.astype(dtype)
                 acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                 plgpu.barrier_arrive(sched)
@@ -188,7 +194,7 @@ def forward_kernel_call(
             q_smem[...] = acc.astype(dtype)
             lse_smem[...] = jnp.where(l_i == 0.0, -jnp.inf, (m_i + jnp.log2(safe_l)) * _LN2)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, h, pl.ds(q_row0, bq)])
+            plgpu.copy_smem_to_gmem(q_smem, slab(out_ref, b, h, pl.ds(q_row0, bq), st.bshd))
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_row0, bq)])
             plgpu.wait_smem_to_gmem(0)
 
@@ -200,8 +206,8 @@ def forward_kernel_call(
                 rows = pl.ds(j * bkv, bkv)
                 slot = lax.rem(t, jnp.int32(stages))
                 wait_slot_free((k_free, v_free), t, stages)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, hk, rows], k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, hk, rows], v_smem.at[slot], v_bar.at[slot])
+                plgpu.copy_gmem_to_smem(slab(k_ref, b, hk, rows, st.bshd), k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(slab(v_ref, b, hk, rows, st.bshd), v_smem.at[slot], v_bar.at[slot])
 
             drain_ring((k_free, v_free), walk.produce(fetch), stages)
 
@@ -230,7 +236,7 @@ def forward_kernel_call(
         )
 
     out_type = (
-        jax.ShapeDtypeStruct((B, H, Tp, Dv), dtype),
+        jax.ShapeDtypeStruct(layout_shape(B, H, Tp, Dv, st.bshd), dtype),
         jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
     )
     kwargs = {} if interpret is None else {"interpret": interpret}

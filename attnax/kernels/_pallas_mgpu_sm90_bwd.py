@@ -32,7 +32,11 @@ from attnax.kernels._pallas_mgpu_common import (
     Lowering,
     TileContext,
     TileWalk,
+    bhsd_dims,
     drain_ring,
+    layout_shape,
+    slab,
+    tile_keep,
     wait_slot_free,
 )
 
@@ -60,6 +64,7 @@ class BwdStatic:
     sparse: bool
     interpret: bool
     dropout: float = 0.0  # the dropout rate (0: off)
+    bshd: bool = False  # q, k, v, do and the gradients are [B, S, H, D] (lse, delta stay [B, H, S])
 
 
 def _tail_mask(mask_fn, kv_idx, S):
@@ -123,8 +128,8 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
     ``block_kv``); ``lists`` are the forward's tile lists. Returns ``dq``
     ``[B, H, Tp, D]`` in the input dtype, already multiplied by ``scale``.
     """
-    B, H, Tp, D = q.shape
-    _, Hk, Sp, Dv = v.shape
+    B, H, Tp, D = bhsd_dims(q, st.bshd)
+    _, Hk, Sp, Dv = bhsd_dims(v, st.bshd)
     bq, bkv, stages = st.block_q, st.block_kv, st.num_stages
     nq, nk = Tp // (2 * bq), Sp // bkv
     dtype = q.dtype
@@ -158,7 +163,8 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
             kv_off = qoff_ref[B + b]
             rows = pl.ds(row0, bq)
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
-            srcs = (q_ref.at[b, h, rows], do_ref.at[b, h, rows], lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])
+            srcs = (slab(q_ref, b, h, rows, st.bshd), slab(do_ref, b, h, rows, st.bshd), lse_ref.at[b, h, rows],
+                    delta_ref.at[b, h, rows])  # fmt: skip
             dsts = (q_smem, do_smem, lse_smem2.at[wg], delta_smem2.at[wg])
             for src, dst, bar in zip(srcs, dsts, row_bars):
                 plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
@@ -190,7 +196,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                         s, transform, st.unit_derivative, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
                     )
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
-                    keep = keep_fn(b, h, q_idx, kv_idx) if st.dropout else None
+                    keep = tile_keep(keep_fn, b, h, ctx) if st.dropout else None
                     dp = _dropped(st, keep, low.read(dp_acc, wait_n=0))
                     plgpu.barrier_arrive(v_free.at[slot])
                     _accumulate_ds(low, dq_acc, p, dp, delta_row, 0, vjp, k_slot)
@@ -205,7 +211,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
             dq = low.accumulators(grad, (bq, D))
             q_smem[...] = (dq * st.scale).astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, h, rows])
+            plgpu.copy_smem_to_gmem(q_smem, slab(dq_ref, b, h, rows, st.bshd))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -216,8 +222,8 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                 rows = pl.ds(j * bkv, bkv)
                 slot = lax.rem(t, jnp.int32(stages))
                 wait_slot_free((k_free, v_free), t, stages)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, hk, rows], k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, hk, rows], v_smem.at[slot], v_bar.at[slot])
+                plgpu.copy_gmem_to_smem(slab(k_ref, b, hk, rows, st.bshd), k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(slab(v_ref, b, hk, rows, st.bshd), v_smem.at[slot], v_bar.at[slot])
 
             drain_ring((k_free, v_free), walk.produce(fetch), stages)
 
@@ -240,7 +246,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
     kwargs = {} if not st.interpret else {"interpret": _interpret()}
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((B, H, Tp, D), dtype),
+        out_type=jax.ShapeDtypeStruct(layout_shape(B, H, Tp, D, st.bshd), dtype),
         scratch_types=scratch,
         grid=(H, nq, B),
         grid_names=("heads", "q_seq", "batch"),
@@ -258,8 +264,8 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
     tile of ``2 * block_kv`` rows, over query tiles of ``block_q`` rows (the
     transposed view). Returns ``dk`` (times ``scale``) and ``dv``, ``[B, Hk, Sp, ·]``.
     """
-    B, H, Tp, D = q.shape
-    _, Hk, Sp, Dv = v.shape
+    B, H, Tp, D = bhsd_dims(q, st.bshd)
+    _, Hk, Sp, Dv = bhsd_dims(v, st.bshd)
     bq, bkv, stages = st.block_q, st.block_kv, st.num_stages
     nkt, nqt = Sp // (2 * bkv), Tp // bq
     G = st.group
@@ -295,8 +301,8 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             rows = pl.ds(row0, bkv)
             kv_row0 = qoff_ref[B + b] + row0  # absolute position of the first key row
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-            plgpu.copy_gmem_to_smem(k_ref.at[b, hk, rows], k_smem, kv_bars[0].at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, hk, rows], v_smem, kv_bars[1].at[wg])
+            plgpu.copy_gmem_to_smem(slab(k_ref, b, hk, rows, st.bshd), k_smem, kv_bars[0].at[wg])
+            plgpu.copy_gmem_to_smem(slab(v_ref, b, hk, rows, st.bshd), v_smem, kv_bars[1].at[wg])
             plgpu.barrier_wait(kv_bars[0].at[wg])
             plgpu.barrier_wait(kv_bars[1].at[wg])
             ctx_box = [None]
@@ -325,7 +331,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                     delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
-                    keep = keep_fn(b, h, q_idx, kv_idx) if st.dropout else None
+                    keep = tile_keep(keep_fn, b, h, ctx) if st.dropout else None
                     low.mma(dv_acc, _dropped(st, keep, p).astype(dtype), do_slot)
                     dp = _dropped(st, keep, low.read(dp_acc, wait_n=1))
                     _accumulate_ds(low, dk_acc, p, dp, delta_col, 1, vjp, q_slot)
@@ -351,8 +357,8 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             k_smem[...] = (dk * st.scale).astype(dtype)
             v_smem[...] = dv.astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, hk, rows])
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, hk, rows])
+            plgpu.copy_smem_to_gmem(k_smem, slab(dk_ref, b, hk, rows, st.bshd))
+            plgpu.copy_smem_to_gmem(v_smem, slab(dv_ref, b, hk, rows, st.bshd))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -366,7 +372,8 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     rows = pl.ds(j * bq, bq)
                     slot = lax.rem(t, jnp.int32(stages))
                     wait_slot_free((free,), t, stages)
-                    srcs = (ref.at[b, h, rows] for ref in (q_ref, do_ref, lse_ref, delta_ref))
+                    srcs = (slab(q_ref, b, h, rows, st.bshd), slab(do_ref, b, h, rows, st.bshd),
+                            lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])  # fmt: skip
                     for src, dst, bar in zip(srcs, (q_smem, do_smem, lse_smem, delta_smem), ready):
                         plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
@@ -394,7 +401,10 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
     kwargs = {} if not st.interpret else {"interpret": _interpret()}
     return plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((B, Hk, Sp, D), dtype), jax.ShapeDtypeStruct((B, Hk, Sp, Dv), dtype)),
+        out_type=(
+            jax.ShapeDtypeStruct(layout_shape(B, Hk, Sp, D, st.bshd), dtype),
+            jax.ShapeDtypeStruct(layout_shape(B, Hk, Sp, Dv, st.bshd), dtype),
+        ),
         scratch_types=scratch,
         grid=(Hk, nkt, B),
         grid_names=("heads", "kv_seq", "batch"),

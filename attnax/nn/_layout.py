@@ -2,14 +2,17 @@
 
 Flax projects to ``[batch, length, heads, head_dim]`` (BTNH); attnax kernels
 take ``[batch, heads, length, head_dim]`` (BHSD). Every attention call in
-``attnax.nn`` goes through :func:`attend_btnh`, so when a kernel learns to
-read BTNH natively (Pallas kernels do, through their BlockSpec index maps)
-the transposes disappear here and nowhere else.
+``attnax.nn`` goes through :func:`attend_btnh`: kernels that read BTNH
+natively (:func:`~attnax.kernels.pallas_flash_attention` with
+``layout='BSHD'``: strided TMA copies) get it as it is, the others get
+transposed copies.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+
+from attnax.kernels._pallas import pallas_flash_attention
 
 __all__ = ["attend_btnh"]
 
@@ -31,5 +34,7 @@ def attend_btnh(kernel, query, key, value, **kwargs):
     Returns:
         ``[B, T, H, Dv]``.
     """
+    if kernel is pallas_flash_attention:
+        return kernel(query, key, value, layout="BSHD", **kwargs)
     out = kernel(_to_bhsd(query), _to_bhsd(key), _to_bhsd(value), **kwargs)
     return jnp.swapaxes(out, -3, -2)
