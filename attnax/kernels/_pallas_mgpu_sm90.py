@@ -44,6 +44,11 @@ _LN2 = math.log(2.0)
 # Registers per thread of the two compute warpgroups and the memory warpgroup
 # (2 x 128 x 240 + 128 x 24 <= 64K; measured on H100: 2-5% faster than (232, 40)).
 _REGISTERS = (240, 24)
+# A CTA takes two query tiles, the heaviest and the lightest of a causal mask
+# (same total work per CTA), when a separate output buffer fits shared memory:
+# the producer then streams the second tile's K/V while the first finishes,
+# the second Q loads during the first's epilogue, and half as many CTAs launch.
+_PAIRED_SMEM = 200 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +102,9 @@ def forward_kernel_call(
     if lists is None:
         lists = ()
     low = Lowering(st.interpret)
+    smem = (2 * bq * (D + Dv) + stages * bkv * (D + Dv)) * jnp.dtype(dtype).itemsize + 2 * bq * 4
+    paired = nq > 1 and smem <= _PAIRED_SMEM
+    n_ctas = -(-nq // 2) if paired else nq
 
     def kernel(*refs):
         q_ref, k_ref, v_ref, qoff_ref = refs[:4]
@@ -104,17 +112,27 @@ def forward_kernel_call(
         op_refs = refs[4 + len(lists) : 4 + len(lists) + n_ops]
         out_ref, lse_ref = refs[4 + len(lists) + n_ops : 6 + len(lists) + n_ops]
         scratch = refs[6 + len(lists) + n_ops :]
-        (q_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_free, v_free), sched = scratch
+        smems, (k_bar, v_bar, q_bar), (k_free, v_free), sched = scratch
+        q_smem2, k_smem, v_smem, lse_smem2 = smems[:4]
+        o_smem2 = smems[4] if paired else None
 
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
-        # Heaviest query tiles first: with causal masks the last tiles visit the
-        # most kv tiles, and launching them early shortens the tail.
-        qi = nq - 1 - lax.axis_index("q_seq")
         wg = lax.axis_index("wg")
         hk = lax.div(h, jnp.array(st.group, h.dtype))
+        # Heaviest query tiles first: with causal masks the last tiles visit the
+        # most kv tiles, and launching them early shortens the tail. A paired
+        # CTA then takes the lightest tile (a lone middle tile when nq is odd).
+        cta = lax.axis_index("q_seq")
+        heavy = nq - 1 - cta
+        n_items = jnp.where(heavy == cta, 1, 2).astype(jnp.int32) if paired else jnp.int32(1)
 
-        walk = TileWalk(nk, st.mask_tail, *list_refs, index=(b, h, qi)) if st.sparse else TileWalk(nk, st.mask_tail)
+        def item_qi(i):
+            return jnp.where(i == 0, heavy, cta) if paired else heavy
+
+        def tile_walk(qi):
+            return TileWalk(nk, st.mask_tail, *list_refs, index=(b, h, qi)) if st.sparse else TileWalk(nk, st.mask_tail)
+
         need_mask = st.has_mask or st.mask_tail
 
         def sched_sync():
@@ -125,77 +143,91 @@ def forward_kernel_call(
         def _compute():
             plgpu.set_max_registers(_REGISTERS[0], action="increase")
             q_smem = q_smem2.at[wg]
+            o_smem = o_smem2.at[wg] if paired else q_smem
             lse_smem = lse_smem2.at[wg]
-            q_row0 = qi * (2 * bq) + wg * bq
-            q_start = qoff_ref[b] + q_row0
             kv_off = qoff_ref[B + b]
-            plgpu.copy_gmem_to_smem(slab(q_ref, b, h, pl.ds(q_row0, bq), st.bshd), q_smem, q_bar.at[wg])
-            plgpu.barrier_wait(q_bar.at[wg])
             ctx_box = [None]
             transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0])
 
-            m_i = low.cast(jnp.full((bq,), -jnp.inf, jnp.float32), WGMMA_ROW)
-            l_i = low.cast(jnp.zeros((bq,), jnp.float32), WGMMA_ROW)
-            acc = low.cast(jnp.zeros((bq, Dv), jnp.float32), WGMMA)
-            pl.when(wg == 1)(sched_sync)
+            def load_q(qi):
+                rows = pl.ds(qi * (2 * bq) + wg * bq, bq)
+                plgpu.copy_gmem_to_smem(slab(q_ref, b, h, rows, st.bshd), q_smem, q_bar.at[wg])
 
-            def step_body(j, t, is_partial, carry):
-                acc, m_i, l_i = carry
-                slot = lax.rem(t, jnp.int32(stages))
-                plgpu.barrier_wait(k_bar.at[slot])
-                s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv), during=sched_sync)
-                plgpu.barrier_arrive(k_free.at[slot])
-                s = s * st.scale
-                if st.has_transform or need_mask or st.dropout:
-                    kv_start = kv_off + j * bkv
-                    q_idx = q_start + low.iota((bq, bkv), 0)
-                    kv_idx = kv_start + low.iota((bq, bkv), 1)
-                    ctx_box[0] = ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
-                    if st.has_transform:
-                        s = transform(s, b, h, q_idx, kv_idx).astype(jnp.float32)
-                    if need_mask:
+            load_q(item_qi(0))
 
-                        def apply_mask(s):
-                            vis = mask_fn(b, h, q_idx, kv_idx) if st.has_mask else None
-                            if st.mask_tail:
-                                tail = kv_idx < kv_off + st.S
-                                vis = tail if vis is None else jnp.logical_and(vis, tail)
-                            return jnp.where(vis, s, -jnp.inf)
+            def item(i, t):
+                qi = item_qi(i)
+                q_row0 = qi * (2 * bq) + wg * bq
+                q_start = qoff_ref[b] + q_row0
+                plgpu.barrier_wait(q_bar.at[wg])
+                m_i = low.cast(jnp.full((bq,), -jnp.inf, jnp.float32), WGMMA_ROW)
+                l_i = low.cast(jnp.zeros((bq,), jnp.float32), WGMMA_ROW)
+                acc = low.cast(jnp.zeros((bq, Dv), jnp.float32), WGMMA)
+                pl.when(wg == 1)(sched_sync)
 
-                        # Full tiles skip the mask altogether.
-                        s = lax.cond(is_partial, apply_mask, lambda s: s, s)
-                m_new = jnp.maximum(m_i, s.max(axis=1) * _LOG2E)
-                # A row with nothing visible yet keeps m = -inf; shift by 0 so
-                # exp2 gives 0, never NaN.
-                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                alpha = jnp.exp2(m_i - m_use)
-                p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(m_use, s.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l_i = l_i * alpha + p.sum(axis=1)
-                if st.dropout:
-                    # The normaliser keeps every weight; P V only the kept ones
-                    # (scaled by 1 / (1 - rate) once, at the end).
-                    p = jnp.where(tile_keep(keep_fn, b, h, ctx), p, 0.0)
-                p16 = p.astype(dtype)
-                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                plgpu.barrier_arrive(sched)
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(sched)
-                acc = low.matmul_acc(acc, p16, v_smem.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i
+                def step_body(j, t, is_partial, carry):
+                    acc, m_i, l_i = carry
+                    slot = lax.rem(t, jnp.int32(stages))
+                    plgpu.barrier_wait(k_bar.at[slot])
+                    s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv), during=sched_sync)
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    s = s * st.scale
+                    if st.has_transform or need_mask or st.dropout:
+                        kv_start = kv_off + j * bkv
+                        q_idx = q_start + low.iota((bq, bkv), 0)
+                        kv_idx = kv_start + low.iota((bq, bkv), 1)
+                        ctx_box[0] = ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
+                        if st.has_transform:
+                            s = transform(s, b, h, q_idx, kv_idx).astype(jnp.float32)
+                        if need_mask:
 
-            _, (acc, m_i, l_i) = walk.consume(step_body, (acc, m_i, l_i))
-            pl.when(wg == 0)(sched_sync)
+                            def apply_mask(s):
+                                vis = mask_fn(b, h, q_idx, kv_idx) if st.has_mask else None
+                                if st.mask_tail:
+                                    tail = kv_idx < kv_off + st.S
+                                    vis = tail if vis is None else jnp.logical_and(vis, tail)
+                                return jnp.where(vis, s, -jnp.inf)
 
-            safe_l = jnp.where(l_i == 0.0, 1.0, l_i)
-            inv_l = 1.0 / (safe_l * (1.0 - st.dropout)) if st.dropout else 1.0 / safe_l
-            acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
-            q_smem[...] = acc.astype(dtype)
-            lse_smem[...] = jnp.where(l_i == 0.0, -jnp.inf, (m_i + jnp.log2(safe_l)) * _LN2)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, slab(out_ref, b, h, pl.ds(q_row0, bq), st.bshd))
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_row0, bq)])
+                            # Full tiles skip the mask altogether.
+                            s = lax.cond(is_partial, apply_mask, lambda s: s, s)
+                    m_new = jnp.maximum(m_i, s.max(axis=1) * _LOG2E)
+                    # A row with nothing visible yet keeps m = -inf; shift by 0 so
+                    # exp2 gives 0, never NaN.
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    alpha = jnp.exp2(m_i - m_use)
+                    p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l_i = l_i * alpha + p.sum(axis=1)
+                    if st.dropout:
+                        # The normaliser keeps every weight; P V only the kept ones
+                        # (scaled by 1 / (1 - rate) once, at the end).
+                        p = jnp.where(tile_keep(keep_fn, b, h, ctx), p, 0.0)
+                    p16 = p.astype(dtype)
+                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                    plgpu.barrier_arrive(sched)
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_wait(sched)
+                    acc = low.matmul_acc(acc, p16, v_smem.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m_new, l_i
+
+                t, (acc, m_i, l_i) = tile_walk(qi).consume(step_body, (acc, m_i, l_i), t0=t)
+                pl.when(wg == 0)(sched_sync)
+                if paired:  # Q is free: the next tile's loads during this epilogue
+                    pl.when(i + 1 < n_items)(lambda: load_q(item_qi(i + 1)))
+
+                safe_l = jnp.where(l_i == 0.0, 1.0, l_i)
+                inv_l = 1.0 / (safe_l * (1.0 - st.dropout)) if st.dropout else 1.0 / safe_l
+                acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read o_smem
+                o_smem[...] = acc.astype(dtype)
+                lse_smem[...] = jnp.where(l_i == 0.0, -jnp.inf, (m_i + jnp.log2(safe_l)) * _LN2)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, slab(out_ref, b, h, pl.ds(q_row0, bq), st.bshd))
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_row0, bq)])
+                return t
+
+            lax.fori_loop(0, n_items, item, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -209,7 +241,8 @@ def forward_kernel_call(
                 plgpu.copy_gmem_to_smem(slab(k_ref, b, hk, rows, st.bshd), k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(slab(v_ref, b, hk, rows, st.bshd), v_smem.at[slot], v_bar.at[slot])
 
-            drain_ring((k_free, v_free), walk.produce(fetch), stages)
+            t_end = lax.fori_loop(0, n_items, lambda i, t: tile_walk(item_qi(i)).produce(fetch, t0=t), jnp.int32(0))
+            drain_ring((k_free, v_free), t_end, stages)
 
     def entry(*refs):
         tiling = plgpu.TilingTransform((8, 64))
@@ -220,6 +253,8 @@ def forward_kernel_call(
             plgpu.SMEM((stages, bkv, Dv), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((2, bq), jnp.float32),
         )
+        if paired:
+            scratch += (plgpu.SMEM((2, bq, Dv), dtype, transforms=(tiling, swizzle)),)
         barriers = (
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
@@ -243,7 +278,7 @@ def forward_kernel_call(
     return plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(H, nq, B),
+        grid=(H, n_ctas, B),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,
         thread_name="wg",
