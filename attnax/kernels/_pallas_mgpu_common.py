@@ -338,6 +338,38 @@ def tile_keep(keep_fn, b, h, ctx: TileContext):
     return keep_fn(b, h, q_vec, ctx.kv_idx, lambda v: low.broadcast(v, ctx.shape, ctx.q_axis))
 
 
+#: Shared memory under which a kernel that streams K/V past query tiles takes
+#: two of them per CTA (:class:`QueryTiles`), with a separate output buffer.
+PAIRED_SMEM = 200 * 1024
+
+
+class QueryTiles:
+    """The query tiles of the CTAs along a grid axis: the heaviest first.
+
+    Unpaired, CTA ``c`` takes tile ``nq - 1 - c``. Paired, it takes the
+    heaviest and the lightest of those left, ``nq - 1 - c`` then ``c`` (a
+    lone middle tile when ``nq`` is odd): under a causal mask every CTA has
+    the same work, the producer streams the second tile's K/V while the first
+    finishes, its rows load during the first's epilogue, and half as many
+    CTAs pay the fixed costs of a launch.
+    """
+
+    def __init__(self, nq: int, paired: bool):
+        self.nq, self.paired = nq, paired and nq > 1
+        self.n_ctas = -(-nq // 2) if self.paired else nq
+
+    def count(self, cta):
+        """How many tiles CTA ``cta`` takes (traced)."""
+        if not self.paired:
+            return jnp.int32(1)
+        return jnp.where(self.nq - 1 - cta == cta, 1, 2).astype(jnp.int32)
+
+    def tile(self, cta, i):
+        """The ``i``-th query tile of CTA ``cta``."""
+        heavy = self.nq - 1 - cta
+        return jnp.where(i == 0, heavy, cta) if self.paired else heavy
+
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 

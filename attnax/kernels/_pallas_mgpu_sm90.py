@@ -28,7 +28,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from attnax.kernels._pallas_mgpu_common import (
     WGMMA,
     WGMMA_ROW,
+    PAIRED_SMEM,
     Lowering,
+    QueryTiles,
     TileContext,
     TileWalk,
     bhsd_dims,
@@ -44,11 +46,6 @@ _LN2 = math.log(2.0)
 # Registers per thread of the two compute warpgroups and the memory warpgroup
 # (2 x 128 x 240 + 128 x 24 <= 64K; measured on H100: 2-5% faster than (232, 40)).
 _REGISTERS = (240, 24)
-# A CTA takes two query tiles, the heaviest and the lightest of a causal mask
-# (same total work per CTA), when a separate output buffer fits shared memory:
-# the producer then streams the second tile's K/V while the first finishes,
-# the second Q loads during the first's epilogue, and half as many CTAs launch.
-_PAIRED_SMEM = 200 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +99,10 @@ def forward_kernel_call(
     if lists is None:
         lists = ()
     low = Lowering(st.interpret)
+    # Two query tiles per CTA when a separate output buffer fits (QueryTiles).
     smem = (2 * bq * (D + Dv) + stages * bkv * (D + Dv)) * jnp.dtype(dtype).itemsize + 2 * bq * 4
-    paired = nq > 1 and smem <= _PAIRED_SMEM
-    n_ctas = -(-nq // 2) if paired else nq
+    tiles = QueryTiles(nq, smem <= PAIRED_SMEM)
+    paired = tiles.paired
 
     def kernel(*refs):
         q_ref, k_ref, v_ref, qoff_ref = refs[:4]
@@ -121,14 +119,12 @@ def forward_kernel_call(
         wg = lax.axis_index("wg")
         hk = lax.div(h, jnp.array(st.group, h.dtype))
         # Heaviest query tiles first: with causal masks the last tiles visit the
-        # most kv tiles, and launching them early shortens the tail. A paired
-        # CTA then takes the lightest tile (a lone middle tile when nq is odd).
+        # most kv tiles, and launching them early shortens the tail.
         cta = lax.axis_index("q_seq")
-        heavy = nq - 1 - cta
-        n_items = jnp.where(heavy == cta, 1, 2).astype(jnp.int32) if paired else jnp.int32(1)
+        n_items = tiles.count(cta)
 
         def item_qi(i):
-            return jnp.where(i == 0, heavy, cta) if paired else heavy
+            return tiles.tile(cta, i)
 
         def tile_walk(qi):
             return TileWalk(nk, st.mask_tail, *list_refs, index=(b, h, qi)) if st.sparse else TileWalk(nk, st.mask_tail)
@@ -278,7 +274,7 @@ def forward_kernel_call(
     return plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(H, n_ctas, B),
+        grid=(H, tiles.n_ctas, B),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,
         thread_name="wg",

@@ -29,7 +29,9 @@ from attnax.kernels._pallas_mgpu_common import (
     WGMMA_COL,
     WGMMA_ROW,
     LoadTape,
+    PAIRED_SMEM,
     Lowering,
+    QueryTiles,
     TileContext,
     TileWalk,
     bhsd_dims,
@@ -136,6 +138,9 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
     n_ops = len(mod_operands)
     lists = () if lists is None else lists
     low = Lowering(st.interpret)
+    # Two query tiles per CTA when a separate dQ buffer fits (QueryTiles).
+    smem = (2 * bq * (2 * D + Dv) + stages * bkv * (D + Dv)) * jnp.dtype(dtype).itemsize + 4 * bq * 4
+    tiles = QueryTiles(nq, smem <= PAIRED_SMEM)
 
     def kernel(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qoff_ref = refs[:7]
@@ -143,75 +148,93 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
         list_refs = refs[7 : 7 + len(lists)]
         op_refs = refs[7 + len(lists) : n_in]
         dq_ref = refs[n_in]
-        (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem), row_bars, (k_bar, v_bar), (k_free, v_free) = refs[
-            n_in + 1 :
-        ]
+        smems, row_bars, (k_bar, v_bar), (k_free, v_free) = refs[n_in + 1 :]
+        q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smems[:6]
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
-        qi = nq - 1 - lax.axis_index("q_seq")
+        cta = lax.axis_index("q_seq")
+        n_items = tiles.count(cta)
         wg = lax.axis_index("wg")
         hk = lax.div(h, jnp.array(st.group, h.dtype))
         ragged = st.S % bkv != 0
-        walk = TileWalk(nk, ragged, *list_refs, index=(b, h, qi)) if st.sparse else TileWalk(nk, ragged)
         need_mask = st.has_mask or ragged
+
+        def tile_walk(qi):
+            return TileWalk(nk, ragged, *list_refs, index=(b, h, qi)) if st.sparse else TileWalk(nk, ragged)
 
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(_REGISTERS[0], action="increase")
-            row0 = qi * (2 * bq) + wg * bq
-            q_start = qoff_ref[b] + row0
             kv_off = qoff_ref[B + b]
-            rows = pl.ds(row0, bq)
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
-            srcs = (slab(q_ref, b, h, rows, st.bshd), slab(do_ref, b, h, rows, st.bshd), lse_ref.at[b, h, rows],
-                    delta_ref.at[b, h, rows])  # fmt: skip
-            dsts = (q_smem, do_smem, lse_smem2.at[wg], delta_smem2.at[wg])
-            for src, dst, bar in zip(srcs, dsts, row_bars):
-                plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
-            for bar in row_bars:
-                plgpu.barrier_wait(bar.at[wg])
-            lse_row = low.load(lse_smem2.at[wg], WGMMA_ROW)
-            delta_row = low.load(delta_smem2.at[wg], WGMMA_ROW)
+            out_smem = smems[6].at[wg] if tiles.paired else q_smem
             ctx_box = [None]
             transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0])
 
-            def step_body(j, t, is_partial, dq_acc):
-                slot = lax.rem(t, jnp.int32(stages))
-                kv_start = kv_off + j * bkv
-                k_slot, v_slot = k_smem.at[slot], v_smem.at[slot]
+            def load_rows(qi):
+                rows = pl.ds(qi * (2 * bq) + wg * bq, bq)
+                srcs = (slab(q_ref, b, h, rows, st.bshd), slab(do_ref, b, h, rows, st.bshd), lse_ref.at[b, h, rows],
+                        delta_ref.at[b, h, rows])  # fmt: skip
+                dsts = (q_smem, do_smem, lse_smem2.at[wg], delta_smem2.at[wg])
+                for src, dst, bar in zip(srcs, dsts, row_bars):
+                    plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
 
-                def tile(s_acc, dp_acc):
-                    # S = Q K^T and dP = dO V^T go out together; the softmax of
-                    # S overlaps dP.
-                    plgpu.barrier_wait(k_bar.at[slot])
-                    low.mma(s_acc, q_smem, low.T(k_slot))
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    low.mma(dp_acc, do_smem, low.T(v_slot))
-                    s = low.read(s_acc, wait_n=1) * st.scale
-                    q_idx = q_start + low.iota((bq, bkv), 0)
-                    kv_idx = kv_start + low.iota((bq, bkv), 1)
-                    ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
-                    mask = _tail_mask(mask_fn, kv_idx, kv_off + st.S if ragged else None)
-                    s, vjp = _tile_scores(
-                        s, transform, st.unit_derivative, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
-                    )
-                    p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
-                    keep = tile_keep(keep_fn, b, h, ctx) if st.dropout else None
-                    dp = _dropped(st, keep, low.read(dp_acc, wait_n=0))
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    _accumulate_ds(low, dq_acc, p, dp, delta_row, 0, vjp, k_slot)
+            load_rows(tiles.tile(cta, 0))
 
-                low.accumulators(tile, (bq, bkv), (bq, bkv))
-                plgpu.barrier_arrive(k_free.at[slot])
+            def item(i, t):
+                qi = tiles.tile(cta, i)
+                row0 = qi * (2 * bq) + wg * bq
+                q_start = qoff_ref[b] + row0
+                for bar in row_bars:
+                    plgpu.barrier_wait(bar.at[wg])
+                lse_row = low.load(lse_smem2.at[wg], WGMMA_ROW)
+                delta_row = low.load(delta_smem2.at[wg], WGMMA_ROW)
+                t, dq = low.accumulators(lambda acc: dq_tile(qi, q_start, lse_row, delta_row, acc, t), (bq, D))
+                if tiles.paired:  # Q and dO are free: the next tile's rows load during this epilogue
+                    pl.when(i + 1 < n_items)(lambda: load_rows(tiles.tile(cta, i + 1)))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
+                out_smem[...] = (dq * st.scale).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem, slab(dq_ref, b, h, pl.ds(row0, bq), st.bshd))
+                return t
 
-            def grad(dq_acc):
-                low.walk((dq_acc,), walk, lambda j, t, is_partial: step_body(j, t, is_partial, dq_acc))
-                return low.read(dq_acc)
+            def dq_tile(qi, q_start, lse_row, delta_row, dq_acc, t0):
+                """dQ of query tile ``qi``; returns the ring's visit count after it and dQ."""
 
-            dq = low.accumulators(grad, (bq, D))
-            q_smem[...] = (dq * st.scale).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, slab(dq_ref, b, h, rows, st.bshd))
+                def step_body(j, t, is_partial, dq_acc):
+                    slot = lax.rem(t, jnp.int32(stages))
+                    kv_start = kv_off + j * bkv
+                    k_slot, v_slot = k_smem.at[slot], v_smem.at[slot]
+
+                    def tile(s_acc, dp_acc):
+                        # S = Q K^T and dP = dO V^T go out together; the softmax of
+                        # S overlaps dP.
+                        plgpu.barrier_wait(k_bar.at[slot])
+                        low.mma(s_acc, q_smem, low.T(k_slot))
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        low.mma(dp_acc, do_smem, low.T(v_slot))
+                        s = low.read(s_acc, wait_n=1) * st.scale
+                        q_idx = q_start + low.iota((bq, bkv), 0)
+                        kv_idx = kv_start + low.iota((bq, bkv), 1)
+                        ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
+                        mask = _tail_mask(mask_fn, kv_idx, kv_off + st.S if ragged else None)
+                        s, vjp = _tile_scores(
+                            s, transform, st.unit_derivative, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
+                        )
+                        p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
+                        keep = tile_keep(keep_fn, b, h, ctx) if st.dropout else None
+                        dp = _dropped(st, keep, low.read(dp_acc, wait_n=0))
+                        plgpu.barrier_arrive(v_free.at[slot])
+                        _accumulate_ds(low, dq_acc, p, dp, delta_row, 0, vjp, k_slot)
+
+                    low.accumulators(tile, (bq, bkv), (bq, bkv))
+                    plgpu.barrier_arrive(k_free.at[slot])
+
+                t = low.walk((dq_acc,), tile_walk(qi), lambda j, t, is_partial: step_body(j, t, is_partial, dq_acc),
+                             t0=t0)  # fmt: skip
+                return t, low.read(dq_acc)
+
+            lax.fori_loop(0, n_items, item, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -225,20 +248,26 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                 plgpu.copy_gmem_to_smem(slab(k_ref, b, hk, rows, st.bshd), k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(slab(v_ref, b, hk, rows, st.bshd), v_smem.at[slot], v_bar.at[slot])
 
-            drain_ring((k_free, v_free), walk.produce(fetch), stages)
+            t_end = lax.fori_loop(
+                0, n_items, lambda i, t: tile_walk(tiles.tile(cta, i)).produce(fetch, t0=t), jnp.int32(0)
+            )
+            drain_ring((k_free, v_free), t_end, stages)
 
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     tiled = dict(transforms=(tiling, swizzle))
+    smems = (
+        plgpu.SMEM((2, bq, D), dtype, **tiled),
+        plgpu.SMEM((2, bq, Dv), dtype, **tiled),
+        plgpu.SMEM((2, bq), jnp.float32),
+        plgpu.SMEM((2, bq), jnp.float32),
+        plgpu.SMEM((stages, bkv, D), dtype, **tiled),
+        plgpu.SMEM((stages, bkv, Dv), dtype, **tiled),
+    )
+    if tiles.paired:
+        smems += (plgpu.SMEM((2, bq, D), dtype, **tiled),)
     scratch = [
-        (
-            plgpu.SMEM((2, bq, D), dtype, **tiled),
-            plgpu.SMEM((2, bq, Dv), dtype, **tiled),
-            plgpu.SMEM((2, bq), jnp.float32),
-            plgpu.SMEM((2, bq), jnp.float32),
-            plgpu.SMEM((stages, bkv, D), dtype, **tiled),
-            plgpu.SMEM((stages, bkv, Dv), dtype, **tiled),
-        ),
+        smems,
         (plgpu.Barrier(num_barriers=2),) * 4,
         (plgpu.Barrier(num_barriers=stages),) * 2,
         (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
@@ -248,7 +277,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
         kernel,
         out_type=jax.ShapeDtypeStruct(layout_shape(B, H, Tp, D, st.bshd), dtype),
         scratch_types=scratch,
-        grid=(H, nq, B),
+        grid=(H, tiles.n_ctas, B),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,
         thread_name="wg",
