@@ -32,6 +32,7 @@ from attnax.kernels._pallas_mgpu_common import (
     TileContext,
     TileWalk,
     drain_ring,
+    mod_batch_index,
     wait_slot_free,
 )
 
@@ -58,6 +59,7 @@ class FwdStatic:
     sparse: bool  # block lists given (else every kv tile is visited as full)
     mask_tail: bool  # S is not a multiple of block_kv
     interpret: bool
+    mod_batch: int  # the user's batch size: mods see b modulo it (vmap folds its axes into the batch)
 
 
 def forward_kernel_call(
@@ -76,7 +78,8 @@ def forward_kernel_call(
             tiles per query tile ``[Bm, Hm, nq, 2]`` (``Bm``/``Hm`` 1 or full).
             None when ``st.sparse`` is False.
         mod_operands: flattened mod leaves (see ``flatten_mods``).
-        build_mods: rebuilds ``(transform, mask_fn)`` from the leaf refs.
+        build_mods: ``build_mods(refs, ctx_getter, b)`` rebuilds ``(transform,
+            mask_fn)`` from the leaf refs at batch row ``b``.
 
     Returns:
         ``out [B, H, Tp, Dv]`` (q dtype) and ``lse [B, H, Tp]`` float32 (natural log).
@@ -100,6 +103,7 @@ def forward_kernel_call(
         (q_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_free, v_free), sched = scratch
 
         b = lax.axis_index("batch")
+        b_mod = mod_batch_index(b, B, st.mod_batch)
         h = lax.axis_index("heads")
         # Heaviest query tiles first: with causal masks the last tiles visit the
         # most kv tiles, and launching them early shortens the tail.
@@ -125,7 +129,7 @@ def forward_kernel_call(
             plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_row0, bq)], q_smem, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             ctx_box = [None]
-            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
+            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0], b)
 
             m_i = low.cast(jnp.full((bq,), -jnp.inf, jnp.float32), WGMMA_ROW)
             l_i = low.cast(jnp.zeros((bq,), jnp.float32), WGMMA_ROW)
@@ -145,11 +149,11 @@ def forward_kernel_call(
                     kv_idx = kv_start + low.iota((bq, bkv), 1)
                     ctx_box[0] = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
                     if st.has_transform:
-                        s = transform(s, b, h, q_idx, kv_idx).astype(jnp.float32)
+                        s = transform(s, b_mod, h, q_idx, kv_idx).astype(jnp.float32)
                     if need_mask:
 
                         def apply_mask(s):
-                            vis = mask_fn(b, h, q_idx, kv_idx) if st.has_mask else None
+                            vis = mask_fn(b_mod, h, q_idx, kv_idx) if st.has_mask else None
                             if st.mask_tail:
                                 tail = kv_idx < kv_off + st.S
                                 vis = tail if vis is None else jnp.logical_and(vis, tail)

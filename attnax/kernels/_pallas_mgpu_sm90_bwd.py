@@ -33,6 +33,7 @@ from attnax.kernels._pallas_mgpu_common import (
     TileContext,
     TileWalk,
     drain_ring,
+    mod_batch_index,
     wait_slot_free,
 )
 
@@ -59,6 +60,7 @@ class BwdStatic:
     has_mask: bool
     sparse: bool
     interpret: bool
+    mod_batch: int  # the user's batch size: mods see b modulo it (vmap folds its axes into the batch)
 
 
 def _tail_mask(mask_fn, kv_idx, S):
@@ -134,6 +136,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
             n_in + 1 :
         ]
         b = lax.axis_index("batch")
+        b_mod = mod_batch_index(b, B, st.mod_batch)
         h = lax.axis_index("heads")
         qi = nq - 1 - lax.axis_index("q_seq")
         wg = lax.axis_index("wg")
@@ -159,7 +162,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
             lse_row = low.load(lse_smem2.at[wg], WGMMA_ROW)
             delta_row = low.load(delta_smem2.at[wg], WGMMA_ROW)
             ctx_box = [None]
-            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
+            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0], b)
 
             def step_body(j, t, is_partial, dq_acc):
                 slot = lax.rem(t, jnp.int32(stages))
@@ -179,8 +182,9 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                     ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
                     mask = _tail_mask(mask_fn, kv_idx, kv_off + st.S if ragged else None)
                     s, vjp = _tile_scores(
-                        s, transform, st.unit_derivative, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
-                    )
+                        s, transform, st.unit_derivative, mask, need_mask, is_partial,
+                        b_mod, h, q_idx, kv_idx, ctx_box, ctx,
+                    )  # fmt: skip
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
                     dp = low.read(dp_acc, wait_n=0)
                     plgpu.barrier_arrive(v_free.at[slot])
@@ -267,6 +271,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
         dk_ref, dv_ref = refs[n_in : n_in + 2]
         (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), kv_bars, ready, free = refs[n_in + 2 :]
         b = lax.axis_index("batch")
+        b_mod = mod_batch_index(b, B, st.mod_batch)
         hk = lax.axis_index("heads")
         # Heaviest key tiles first: under causal masks the first keys are seen
         # by the most query tiles, and launching them early shortens the tail.
@@ -291,7 +296,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             plgpu.barrier_wait(kv_bars[0].at[wg])
             plgpu.barrier_wait(kv_bars[1].at[wg])
             ctx_box = [None]
-            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0])
+            transform, mask_fn = build_mods(op_refs, lambda: ctx_box[0], b)
 
             def step_body(h, j, t, is_partial, dk_acc, dv_acc):
                 slot = lax.rem(t, jnp.int32(stages))
@@ -311,8 +316,8 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
                     s, vjp = _tile_scores(
                         s, transform, st.unit_derivative, mask_fn, st.has_mask, is_partial,
-                        b, h, q_idx, kv_idx, ctx_box, ctx,
-                    )
+                        b_mod, h, q_idx, kv_idx, ctx_box, ctx,
+                    )  # fmt: skip
                     lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                     delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
