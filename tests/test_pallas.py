@@ -15,20 +15,19 @@ import numpy as np
 import pytest
 
 from attnax.block_mask import create_block_mask
-from attnax.kernels import causal_mod, document_mask_mod, sliding_window_mod
+from attnax.kernels import alibi_mod, causal_mod, compose_score_mods, document_mask_mod, sliding_window_mod
 from attnax.kernels._pallas import pallas_flash_attention
 from attnax.nn._layout import attend_btnh
 from attnax.reference import attention_reference
 
 try:
-    from conformance import BF16, AttentionConformance, oracle, random_qkv, to64
+    from conformance import BF16, AttentionConformance, fast_jit, oracle, random_qkv, to64
 except ImportError:  # tests/ imported as a package
-    from tests.conformance import BF16, AttentionConformance, oracle, random_qkv, to64
+    from tests.conformance import BF16, AttentionConformance, fast_jit, oracle, random_qkv, to64
 
 _REASONS = {
     "float64": "the Mosaic GPU kernel computes in bfloat16/float16",
     "grad_mod_leaves": "gradients to mod array leaves are not implemented in the Pallas kernel yet",
-    "vmap": "plgpu.kernel has no batching rule",
 }
 
 
@@ -39,17 +38,19 @@ class _PallasCases(AttentionConformance):
     shapes = ((2, 4, 2, 37, 53, 16), (1, 2, 1, 5, 140, 8))
     supports_float64 = False
     supports_grad_mod_leaves = False
-    supports_vmap = False
+    supports_vmap = True
     skip_reasons = _REASONS
 
 
 # GPU interpret mode costs about a minute per conformance test on a 2-core CPU,
 # too much for CI's 20 minutes in full. CI runs forward + gradients on the
 # GQA/ragged shapes, every mod group (with q_offset, per-batch arrays, block
-# masks), fully-masked rows and dropout against the oracle; ATTNAX_PALLAS_FULL=1
-# runs every conformance test in interpret mode, and the GPU class below runs
-# all of them compiled.
-_CI_SUBSET = {"test_forward_and_grads", "test_mods", "test_fully_masked_rows", "test_dropout_matches_oracle"}
+# masks), fully-masked rows, dropout against the oracle and vmap (over inputs
+# and over a mod leaf); ATTNAX_PALLAS_FULL=1 runs every conformance test in
+# interpret mode, and the GPU class below runs all of them compiled.
+_CI_SUBSET = {
+    "test_forward_and_grads", "test_mods", "test_fully_masked_rows", "test_dropout_matches_oracle", "test_vmap",
+}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -210,3 +211,41 @@ def test_bshd_layout_reads_and_writes_in_place():
 @pytest.mark.gpu
 def test_bshd_layout_compiled():
     _check_bshd_layout(False, (2, 4, 2, 300, 700, 64))
+
+
+def test_nested_vmap_of_grad_over_per_example_mod_leaves():
+    """vmap(vmap(vjp)): per-example offsets and document ids inside, ALiBi slopes outside.
+
+    Each kernel (forward, dQ, dK/dV) is one launch over the folded batch; the
+    mods see the user's batch index and read their leaves at the example's row.
+    """
+    M, N, B, H, Hk, T, S, D = 2, 2, 2, 2, 1, 21, 37, 16
+    rng = np.random.default_rng(7)
+    bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)  # noqa: E731
+    q, ct = bf16(M, N, B, H, T, D), bf16(M, N, B, H, T, D)
+    k, v = bf16(N, B, Hk, S, D), bf16(N, B, Hk, S, D)  # shared by the outer axis
+    ids = jnp.asarray(np.sort(rng.integers(0, 3, (N, B, S)), axis=-1), jnp.int32)  # at absolute positions
+    offsets = jnp.asarray([[S - T, 5], [0, 9]], jnp.int32)  # [N, B]
+    slopes = jnp.asarray(rng.random((M, H)) + 0.1, jnp.float32)
+
+    def one(attend, q, k, v, ids, off, s, ct):
+        mod = compose_score_mods(causal_mod(), document_mask_mod(ids), alibi_mod(slopes=s))
+        out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, score_mod=mod, q_offset=off), q, k, v)
+        return out, vjp(ct.astype(out.dtype))
+
+    kernel = lambda *a, **kw: pallas_flash_attention(*a, interpret=True, **kw)  # noqa: E731
+    inner = jax.vmap(lambda *a: one(kernel, *a), in_axes=(0, 0, 0, 0, 0, None, 0))
+    run = jax.vmap(inner, in_axes=(0, None, None, None, None, 0, 0))
+    args = (q, k, v, ids, offsets, slopes, ct)
+    # Each kernel call sits behind a custom_vmap boundary, batched by folding: three calls in all.
+    calls = [e for e in jax.make_jaxpr(run)(*args).jaxpr.eqns if e.primitive.name == "custom_vmap_call"]
+    assert [e.outvars[0].aval.shape[0] for e in calls] == [M * N * B] * 3, "one launch per kernel, batch folded"
+    out, (dq, dk, dv) = jax.jit(run)(*args)
+    reference = fast_jit(lambda *a: one(attention_reference, *a))  # the float64 oracle, example by example
+    for m in range(M):
+        for n in range(N):
+            r_out, r_grads = reference(*to64(q[m, n], k[n], v[n]), ids[n], offsets[n], slopes[m], to64(ct[m, n]))
+            where = f"example ({m}, {n})"
+            np.testing.assert_allclose(np.asarray(out[m, n], np.float64), r_out, atol=2e-2, err_msg=where)
+            for name, a, b in zip("qkv", (dq, dk, dv), r_grads):
+                np.testing.assert_allclose(np.asarray(a[m, n], np.float64), b, atol=6e-2, err_msg=f"d{name} {where}")

@@ -265,9 +265,9 @@ def _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st: _St
         mods, pad=max(bq_cta, cfg.block_kv), probe=common.exercise_mods(_combine_masks)
     )
 
-    def build_mods(refs, ctx_getter):
+    def build_mods(refs, ctx_getter, batch=None, prefixes=None):
         """``(transform, mask_fn, keep_fn)`` in a kernel; each None when absent."""
-        smod, kparts, drop = build(refs, ctx_getter)
+        smod, kparts, drop = build(refs, ctx_getter, batch, prefixes)
         return (
             smod.transform if smod is not None else None,
             _combine_masks(kparts),
@@ -302,11 +302,15 @@ def _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed
         block_q=cfg.block_q, block_kv=cfg.block_kv, num_stages=cfg.num_stages, scale=st.scale, T=d.T, S=d.S,
         group=d.group, has_transform=pr.has_transform, has_mask=pr.mask_fn is not None, sparse=pr.sparse,
         mask_tail=d.S % cfg.block_kv != 0, dropout=st.dropout_rate, interpret=st.interpret, bshd=st.bshd,
+        mod_batch=d.B,
     )  # fmt: skip
     interpret = common.interpret_params() if st.interpret else None
-    out, lse = sm90.forward_kernel_call(
-        pr.pad(q, pr.Tp, d.D), pr.pad(k, pr.Sp, d.D), pr.pad(v, pr.Sp, d.Dv), pr.offsets, lists, pr.operands,
-        pr.build_mods, fst, interpret,
+    out, lse = common.vmappable_call(
+        lambda arrays, offsets, lists, ops, build: sm90.forward_kernel_call(
+            *arrays, offsets, lists, ops, build, fst, interpret
+        ),
+        (pr.pad(q, pr.Tp, d.D), pr.pad(k, pr.Sp, d.D), pr.pad(v, pr.Sp, d.Dv)), pr.offsets, lists, pr.operands,
+        pr.build_mods,
     )  # fmt: skip
     return _unpad(out, d.T, d.Dv, st), lse[:, :, : d.T]
 
@@ -357,16 +361,21 @@ def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, see
         scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,
         unit_derivative=pr.has_transform and common.unit_score_derivative(score_mod),
         has_mask=pr.mask_fn is not None, sparse=pr.sparse, dropout=st.dropout_rate, interpret=st.interpret,
-        num_stages=_BWD_STAGES, bshd=st.bshd,
+        num_stages=_BWD_STAGES, bshd=st.bshd, mod_batch=d.B,
     )  # fmt: skip
-    args = (qp, kp, vp, dop, lse2, delta, pr.offsets)
-    dq = sm90_bwd.dq_kernel_call(
-        *args, dq_lists, pr.operands, pr.build_mods,
-        sm90_bwd.BwdStatic(block_q=cfg.block_q, block_kv=dq_bkv, **common_static),
-    )  # fmt: skip
-    dk, dv = sm90_bwd.dkv_kernel_call(
-        *args, dkv_lists, pr.operands + common.transposed_twins(pr.operands), pr.build_mods,
-        sm90_bwd.BwdStatic(block_q=_BWD_BLOCK_Q, block_kv=_BWD_BLOCK_KV, **common_static),
+    arrays = (qp, kp, vp, dop, lse2, delta)
+
+    def launch(kernel_call, lists, operands, **tiles):
+        bst = sm90_bwd.BwdStatic(**tiles, **common_static)
+        return common.vmappable_call(
+            lambda arrays, offsets, lists, ops, build: kernel_call(*arrays, offsets, lists, ops, build, bst),
+            arrays, pr.offsets, lists, operands, pr.build_mods,
+        )  # fmt: skip
+
+    dq = launch(sm90_bwd.dq_kernel_call, dq_lists, pr.operands, block_q=cfg.block_q, block_kv=dq_bkv)
+    dk, dv = launch(
+        sm90_bwd.dkv_kernel_call, dkv_lists, pr.operands + common.transposed_twins(pr.operands),
+        block_q=_BWD_BLOCK_Q, block_kv=_BWD_BLOCK_KV,
     )  # fmt: skip
     return _unpad(dq, d.T, d.D, st), _unpad(dk, d.S, d.D, st), _unpad(dv, d.S, d.Dv, st)
 
@@ -579,6 +588,9 @@ def pallas_flash_attention(
     skip the mask. Score mods run on each register tile; their array leaves
     are read from global memory per tile (see
     :mod:`attnax.kernels._pallas_mgpu_common`). GQA reads each kv head in place.
+    Under ``jax.vmap`` (nested, or of gradients) the mapped axis folds into
+    the kernels' batch axis: one launch per kernel, mapped mod leaves read per
+    example, and mods still see ``0 <= b < B``.
 
     Args:
         query: ``[B, H, T, D]`` bfloat16 or float16.

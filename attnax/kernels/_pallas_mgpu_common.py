@@ -11,6 +11,7 @@ column or tile that those positions cover. Nothing else about the mod changes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any
 
@@ -255,13 +256,19 @@ _LEAF_INDEX_ERROR = (
 
 
 class TileOperand:
-    """A mod's array leaf inside a kernel: a global-memory ref with a view."""
+    """A mod's array leaf inside a kernel: a global-memory ref with a view.
 
-    def __init__(self, ref, ctx_getter, twin=None):
+    ``prefix`` holds scalar indices into the ref's leading axes that ``jax.vmap``
+    added (see :func:`vmappable_call`): every load reads at them first, and
+    ``shape`` leaves them out, so the mod sees its leaf as it wrote it.
+    """
+
+    def __init__(self, ref, ctx_getter, twin=None, prefix=()):
         self._ref = ref
         self._twin = twin  # the leaf with its last two axes swapped (transposed tiles), or None
         self._ctx = ctx_getter
-        self.shape = tuple(ref.shape)
+        self._prefix = tuple(prefix)
+        self.shape = tuple(ref.shape)[len(self._prefix) :]
         self.ndim = len(self.shape)
         self.dtype = ref.dtype
 
@@ -304,15 +311,15 @@ class TileOperand:
                 ref_idx.append(i)
             else:
                 raise NotImplementedError(_LEAF_INDEX_ERROR)
-        ref_idx = tuple(ref_idx)
+        pre, ref_idx = self._prefix, tuple(ref_idx)
         low = ctx.lowering
         if q_dim is None and kv_dim is None:
-            return self._ref[ref_idx]
+            return self._ref[(*pre, *ref_idx)]
         if q_dim is not None and kv_dim is not None:
             if q_dim > kv_dim:
                 raise NotImplementedError("index a 2-D leaf as [..., q_idx, ..., kv_idx] (query dimension first).")
             if ctx.q_axis == 0:
-                return low.load(self._ref.at[ref_idx], WGMMA)
+                return low.load(self._ref.at[(*pre, *ref_idx)], WGMMA)
             # A [keys, queries] tile: read from the leaf's transposed twin, whose
             # kv axis comes first, so the load stays contiguous along the tile's
             # rows (Mosaic GPU cannot vectorise a transposed global-memory load).
@@ -321,10 +328,11 @@ class TileOperand:
                     "in the Pallas backward, a mod that reads a tile of an array leaf must index its last two "
                     "axes by q_idx and kv_idx, as leaf[..., q_idx, kv_idx]."
                 )
-            return low.load(self._twin.at[(*ref_idx[:-2], ref_idx[-1], ref_idx[-2])], WGMMA)
+            return low.load(self._twin.at[(*pre, *ref_idx[:-2], ref_idx[-1], ref_idx[-2])], WGMMA)
         # A vector along one tile axis, broadcast along the other.
         axis = ctx.q_axis if q_dim is not None else 1 - ctx.q_axis
-        return low.broadcast(low.load(self._ref.at[ref_idx], WGMMA_ROW if axis == 0 else WGMMA_COL), ctx.shape, axis)
+        v = low.load(self._ref.at[(*pre, *ref_idx)], WGMMA_ROW if axis == 0 else WGMMA_COL)
+        return low.broadcast(v, ctx.shape, axis)
 
 
 def tile_keep(keep_fn, b, h, ctx: TileContext):
@@ -524,10 +532,13 @@ def flatten_mods(mods, pad: int, probe=None):
     are passed as shape ``(1,)`` and read as scalars.
 
     Returns:
-        ``(operands, build)``: ``build(refs, ctx_getter)`` returns the mods with
-        their leaves replaced by :class:`TileOperand` s (or scalars). Kernels
-        that score transposed tiles pass ``operands + transposed_twins(operands)``
-        and hand all their refs to ``build``.
+        ``(operands, build)``: ``build(refs, ctx_getter, batch=None,
+        prefixes=None)`` returns the mods with their leaves replaced by
+        :class:`TileOperand` s (or scalars). Kernels that score transposed
+        tiles pass ``operands + transposed_twins(operands)`` and hand all their
+        refs to ``build``. Under ``jax.vmap``, ``prefixes`` has one batch
+        prefix per ref (see :func:`vmappable_call`) and ``batch`` is the
+        kernel's (folded) batch index.
     """
     leaves, treedef = jax.tree_util.tree_flatten(mods)
     arrays = [jnp.asarray(x) for x in leaves]
@@ -552,13 +563,16 @@ def flatten_mods(mods, pad: int, probe=None):
             operands.append(jnp.pad(x, widths))
             kinds.append("array")
 
-    def build(refs, ctx_getter):
+    has_twin = [_has_twin(op) for op in operands]  # static: build must not hold the (traced) operands
+
+    def build(refs, ctx_getter, batch=None, prefixes=None):
         refs = list(refs)
+        pres = [batch_prefix_index(batch, p) for p in prefixes or ((),) * len(refs)]
         main, rest = refs[: len(kinds)], iter(refs[len(kinds) :])
-        twins = [next(rest, None) if _has_twin(op) else None for op in operands]
+        twins = [next(rest, None) if t else None for t in has_twin]
         new = [
-            ref[0] if kind == "scalar" else TileOperand(ref, ctx_getter, twin)
-            for ref, kind, twin in zip(main, kinds, twins)
+            ref[(*pre, 0)] if kind == "scalar" else TileOperand(ref, ctx_getter, twin, pre)
+            for ref, kind, twin, pre in zip(main, kinds, twins, pres)
         ]
         return jax.tree_util.tree_unflatten(treedef, new)
 
@@ -577,3 +591,73 @@ def transposed_twins(operands):
     made only for leaves with two non-trivial trailing axes).
     """
     return [jnp.swapaxes(op, -1, -2) for op in operands if _has_twin(op)]
+
+
+# -- jax.vmap: the mapped axis folds into the kernels' batch axis ------------------
+
+
+def batch_prefix_index(batch, prefix):
+    """Scalar indices into a batched leaf's leading axes: ``(batch // divisor) % size`` per level."""
+    return tuple(lax.rem(lax.div(batch, jnp.array(d, batch.dtype)), jnp.array(n, batch.dtype)) for d, n in prefix)
+
+
+def mod_batch_index(batch, num_batch: int, mod_batch: int):
+    """The batch index mods see: the kernel's (folded) index ``batch`` within the user's ``mod_batch`` rows."""
+    return batch if num_batch == mod_batch else lax.rem(batch, jnp.array(mod_batch, batch.dtype))
+
+
+def vmappable_call(call, arrays, offsets, lists, operands, build_mods, prefixes=None):
+    """``call(arrays, offsets, lists, operands, build)`` behind a ``jax.custom_vmap`` boundary.
+
+    Mosaic GPU kernel calls have no batching rule. Under ``jax.vmap`` of size
+    ``N`` this one folds the mapped axis into the kernel's batch axis, one
+    launch: each of ``arrays`` (``[B, ...]``: q, k, v, ...) becomes
+    ``[N*B, ...]``; ``offsets`` (int32 ``[2B]``: query offsets, then key
+    offsets) becomes ``[2*N*B]`` in the same layout; tile ``lists``
+    (``[Bm, ...]``, ``Bm`` 1 or ``B``; None for none) become ``[N*B, ...]``
+    unless one row serves every batch row; the outputs ``[N*B, ...]`` are
+    unfolded to ``[N, B, ...]``. A batched mod operand keeps its mapped axis
+    in front and gains the batch prefix ``(B, N)`` (prefixes hold
+    ``(divisor, size)`` pairs, outermost first): the kernel reads it at
+    ``(b // B) % N`` through ``build = partial(build_mods, prefixes=...)``,
+    and the mods get the batch index within the user's ``B`` rows
+    (:func:`mod_batch_index`). The rule calls this function again, so nested
+    ``vmap`` s fold level by level.
+    """
+    prefixes = tuple(prefixes or ((),) * len(operands))
+
+    @jax.custom_batching.custom_vmap
+    def kernel(arrays, offsets, lists, operands):
+        return call(arrays, offsets, lists, operands, functools.partial(build_mods, prefixes=prefixes))
+
+    @kernel.def_vmap
+    def fold(n, in_batched, arrays, offsets, lists, operands):
+        arrays_b, offsets_b, lists_b, operands_b = in_batched
+        B = offsets.shape[-1] // 2
+
+        def stacked(x, batched):  # [N, ...]
+            return x if batched else jnp.broadcast_to(x, (n, *x.shape))
+
+        def folded(x):  # [N, B, ...] -> [N*B, ...]
+            return x.reshape(n * x.shape[1], *x.shape[2:])
+
+        def fold_list(x, batched):
+            if not batched and x.shape[0] == 1:
+                return x  # one row for every batch row
+            x = stacked(x, batched)
+            return folded(jnp.broadcast_to(x, (n, B, *x.shape[2:])))
+
+        offsets = stacked(offsets, offsets_b).reshape(n, 2, B).swapaxes(0, 1).reshape(2 * n * B)
+        outs = vmappable_call(
+            call,
+            tuple(folded(stacked(x, bt)) for x, bt in zip(arrays, arrays_b)),
+            offsets,
+            tuple(fold_list(x, bt) for x, bt in zip(lists, lists_b)),
+            operands,
+            build_mods,
+            tuple(((B, n), *p) if bt else p for p, bt in zip(prefixes, operands_b)),
+        )
+        outs = jax.tree.map(lambda y: y.reshape(n, B, *y.shape[1:]), outs)
+        return outs, jax.tree.map(lambda _: True, outs)
+
+    return kernel(tuple(arrays), offsets, tuple(lists or ()), list(operands))

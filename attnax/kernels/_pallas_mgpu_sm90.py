@@ -26,9 +26,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from attnax.kernels._pallas_mgpu_common import (
+    PAIRED_SMEM,
     WGMMA,
     WGMMA_ROW,
-    PAIRED_SMEM,
     Lowering,
     QueryTiles,
     TileContext,
@@ -36,6 +36,7 @@ from attnax.kernels._pallas_mgpu_common import (
     bhsd_dims,
     drain_ring,
     layout_shape,
+    mod_batch_index,
     slab,
     tile_keep,
     wait_slot_free,
@@ -66,6 +67,7 @@ class FwdStatic:
     interpret: bool
     dropout: float = 0.0  # the dropout rate (0: off)
     bshd: bool = False  # q, k, v and out are [B, S, H, D] (else [B, H, S, D])
+    mod_batch: int | None = None  # the user's batch size (vmap folds its axes into the batch); None: B
 
 
 def forward_kernel_call(
@@ -85,7 +87,8 @@ def forward_kernel_call(
             tiles per query tile ``[Bm, Hm, nq, 2]`` (``Bm``/``Hm`` 1 or full).
             None when ``st.sparse`` is False.
         mod_operands: flattened mod leaves (see ``flatten_mods``).
-        build_mods: rebuilds ``(transform, mask_fn, keep_fn)`` from the leaf refs.
+        build_mods: ``build_mods(refs, ctx_getter, b)`` rebuilds ``(transform,
+            mask_fn, keep_fn)`` from the leaf refs at (folded) batch row ``b``.
 
     Returns:
         ``out [B, H, Tp, Dv]`` (q dtype) and ``lse [B, H, Tp]`` float32 (natural log).
@@ -118,6 +121,7 @@ def forward_kernel_call(
         o_smem2 = smems[4] if paired else None
 
         b = lax.axis_index("batch")
+        b_mod = mod_batch_index(b, B, st.mod_batch or B)  # the batch row the mods see
         h = lax.axis_index("heads")
         wg = lax.axis_index("wg")
         hk = lax.div(h, jnp.array(st.group, h.dtype))
@@ -146,7 +150,7 @@ def forward_kernel_call(
             lse_smem = lse_smem2.at[wg]
             kv_off = qoff_ref[B + b]
             ctx_box = [None]
-            transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0])
+            transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0], b)
 
             def load_q(qi):
                 rows = pl.ds(qi * (2 * bq) + wg * bq, bq)
@@ -177,11 +181,11 @@ def forward_kernel_call(
                         kv_idx = kv_start + low.iota((bq, bkv), 1)
                         ctx_box[0] = ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
                         if st.has_transform:
-                            s = transform(s, b, h, q_idx, kv_idx).astype(jnp.float32)
+                            s = transform(s, b_mod, h, q_idx, kv_idx).astype(jnp.float32)
                         if need_mask:
 
                             def apply_mask(s):
-                                vis = mask_fn(b, h, q_idx, kv_idx) if st.has_mask else None
+                                vis = mask_fn(b_mod, h, q_idx, kv_idx) if st.has_mask else None
                                 if st.mask_tail:
                                     tail = kv_idx < kv_off + st.S
                                     vis = tail if vis is None else jnp.logical_and(vis, tail)
@@ -200,7 +204,7 @@ def forward_kernel_call(
                     if st.dropout:
                         # The normaliser keeps every weight; P V only the kept ones
                         # (scaled by 1 / (1 - rate) once, at the end).
-                        p = jnp.where(tile_keep(keep_fn, b, h, ctx), p, 0.0)
+                        p = jnp.where(tile_keep(keep_fn, b_mod, h, ctx), p, 0.0)
                     p16 = p.astype(dtype)
                     acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                     plgpu.barrier_arrive(sched)

@@ -26,10 +26,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from attnax.kernels._pallas_mgpu_common import (
+    PAIRED_SMEM,
     WGMMA_COL,
     WGMMA_ROW,
     LoadTape,
-    PAIRED_SMEM,
     Lowering,
     QueryTiles,
     TileContext,
@@ -37,6 +37,7 @@ from attnax.kernels._pallas_mgpu_common import (
     bhsd_dims,
     drain_ring,
     layout_shape,
+    mod_batch_index,
     slab,
     tile_keep,
     wait_slot_free,
@@ -67,6 +68,7 @@ class BwdStatic:
     interpret: bool
     dropout: float = 0.0  # the dropout rate (0: off)
     bshd: bool = False  # q, k, v, do and the gradients are [B, S, H, D] (lse, delta stay [B, H, S])
+    mod_batch: int | None = None  # the user's batch size (vmap folds its axes into the batch); None: B
 
 
 def _tail_mask(mask_fn, kv_idx, S):
@@ -151,6 +153,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
         smems, row_bars, (k_bar, v_bar), (k_free, v_free) = refs[n_in + 1 :]
         q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smems[:6]
         b = lax.axis_index("batch")
+        b_mod = mod_batch_index(b, B, st.mod_batch or B)  # the batch row the mods see
         h = lax.axis_index("heads")
         cta = lax.axis_index("q_seq")
         n_items = tiles.count(cta)
@@ -169,7 +172,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
             out_smem = smems[6].at[wg] if tiles.paired else q_smem
             ctx_box = [None]
-            transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0])
+            transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0], b)
 
             def load_rows(qi):
                 rows = pl.ds(qi * (2 * bq) + wg * bq, bq)
@@ -219,10 +222,11 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                         ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
                         mask = _tail_mask(mask_fn, kv_idx, kv_off + st.S if ragged else None)
                         s, vjp = _tile_scores(
-                            s, transform, st.unit_derivative, mask, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx
+                            s, transform, st.unit_derivative, mask, need_mask, is_partial,
+                            b_mod, h, q_idx, kv_idx, ctx_box, ctx,
                         )
                         p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
-                        keep = tile_keep(keep_fn, b, h, ctx) if st.dropout else None
+                        keep = tile_keep(keep_fn, b_mod, h, ctx) if st.dropout else None
                         dp = _dropped(st, keep, low.read(dp_acc, wait_n=0))
                         plgpu.barrier_arrive(v_free.at[slot])
                         _accumulate_ds(low, dq_acc, p, dp, delta_row, 0, vjp, k_slot)
@@ -311,6 +315,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
         dk_ref, dv_ref = refs[n_in : n_in + 2]
         (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), kv_bars, ready, free = refs[n_in + 2 :]
         b = lax.axis_index("batch")
+        b_mod = mod_batch_index(b, B, st.mod_batch or B)  # the batch row the mods see
         hk = lax.axis_index("heads")
         # Heaviest key tiles first: under causal masks the first keys are seen
         # by the most query tiles, and launching them early shortens the tail.
@@ -335,7 +340,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             plgpu.barrier_wait(kv_bars[0].at[wg])
             plgpu.barrier_wait(kv_bars[1].at[wg])
             ctx_box = [None]
-            transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0])
+            transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0], b)
 
             def step_body(h, j, t, is_partial, dk_acc, dv_acc):
                 slot = lax.rem(t, jnp.int32(stages))
@@ -355,12 +360,12 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
                     s, vjp = _tile_scores(
                         s, transform, st.unit_derivative, mask_fn, st.has_mask, is_partial,
-                        b, h, q_idx, kv_idx, ctx_box, ctx,
+                        b_mod, h, q_idx, kv_idx, ctx_box, ctx,
                     )
                     lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                     delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
-                    keep = tile_keep(keep_fn, b, h, ctx) if st.dropout else None
+                    keep = tile_keep(keep_fn, b_mod, h, ctx) if st.dropout else None
                     low.mma(dv_acc, _dropped(st, keep, p).astype(dtype), do_slot)
                     dp = _dropped(st, keep, low.read(dp_acc, wait_n=1))
                     _accumulate_ds(low, dk_acc, p, dp, delta_col, 1, vjp, q_slot)
