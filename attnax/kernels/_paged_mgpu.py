@@ -32,9 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from attnax.kernels._pallas_mgpu_common import WGMMA, WGMMA_ROW, Lowering, TileContext
+from attnax.kernels._pallas_mgpu_common import WGMMA, WGMMA_ROW, Lowering, TileContext, online_softmax
 
-_LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _ROWS = 64
 
@@ -203,13 +202,7 @@ def decode_kernel_call(
                 s = low.matmul_nt(q_smem, k_smem.at[slot], (_ROWS, bkv))
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = mods(s * st.scale, kv_block(step) * bkv, masked)
-                m_new = jnp.maximum(m_i, s.max(axis=1) * _LOG2E)
-                # Rows with nothing visible yet keep m = -inf: shift by 0 so exp2 gives 0, never NaN.
-                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                alpha = jnp.exp2(m_i - m_use)
-                p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(m_use, s.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l_i = l_i * alpha + p.sum(axis=1)
+                p, m_new, l_i, acc = online_softmax(s, m_i, l_i, acc)
                 plgpu.barrier_wait(v_bar.at[slot])
                 acc = low.matmul_acc(acc, p.astype(dtype), v_smem.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])

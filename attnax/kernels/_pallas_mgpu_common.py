@@ -63,6 +63,7 @@ def slab(ref, b, h, rows, bshd: bool):
 
 
 WGMMA = plgpu.Layout.WGMMA
+_LOG2E = 1.4426950408889634
 WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)
 
@@ -344,6 +345,22 @@ def tile_keep(keep_fn, b, h, ctx: TileContext):
     low = ctx.lowering
     q_vec = ctx.q_start + low.vector_iota(ctx.shape[ctx.q_axis], ctx.q_axis)
     return keep_fn(b, h, q_vec, ctx.kv_idx, lambda v: low.broadcast(v, ctx.shape, ctx.q_axis))
+
+
+def online_softmax(s, m_i, l_i, acc):
+    """One score tile of the online softmax, in base 2: ``(p, m_new, l_new, acc rescaled)``.
+
+    ``s`` holds natural-log scores ``[rows, keys]``; ``m_i`` the running row
+    maxima in base 2, ``l_i`` the running row sums, ``acc`` the ``[rows, dv]``
+    accumulator, rescaled here to the new maxima.
+    """
+    m_new = jnp.maximum(m_i, s.max(axis=1) * _LOG2E)
+    # A row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, never NaN.
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m_i - m_use)
+    p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(m_use, s.shape, [0]))
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    return p, m_new, l_i * alpha + p.sum(axis=1), acc
 
 
 #: Shared memory under which a kernel that streams K/V past query tiles takes

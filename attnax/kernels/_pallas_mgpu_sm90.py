@@ -37,12 +37,12 @@ from attnax.kernels._pallas_mgpu_common import (
     drain_ring,
     layout_shape,
     mod_batch_index,
+    online_softmax,
     slab,
     tile_keep,
     wait_slot_free,
 )
 
-_LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 # Registers per thread of the two compute warpgroups and the memory warpgroup
 # (2 x 128 x 240 + 128 x 24 <= 64K; measured on H100: 2-5% faster than (232, 40)).
@@ -193,14 +193,7 @@ def forward_kernel_call(
 
                             # Full tiles skip the mask altogether.
                             s = lax.cond(is_partial, apply_mask, lambda s: s, s)
-                    m_new = jnp.maximum(m_i, s.max(axis=1) * _LOG2E)
-                    # A row with nothing visible yet keeps m = -inf; shift by 0 so
-                    # exp2 gives 0, never NaN.
-                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                    alpha = jnp.exp2(m_i - m_use)
-                    p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(m_use, s.shape, [0]))
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    l_i = l_i * alpha + p.sum(axis=1)
+                    p, m_new, l_i, acc = online_softmax(s, m_i, l_i, acc)
                     if st.dropout:
                         # The normaliser keeps every weight; P V only the kept ones
                         # (scaled by 1 / (1 - rate) once, at the end).
