@@ -69,7 +69,7 @@ __all__ = [
     "to64",
 ]
 
-F32, F64, BF16 = jnp.float32, jnp.float64, jnp.bfloat16
+F16, F32, F64, BF16 = jnp.float16, jnp.float32, jnp.float64, jnp.bfloat16
 
 # Hypothesis runs a method's examples on the instance of each subclass: that is
 # intended here (one property, several kernels), not a flaky executor.
@@ -353,6 +353,15 @@ class AttentionConformance:
     grad_atol64: ClassVar[float] = 1e-9
     bf16_atol: ClassVar[float] = 3e-2
     bf16_grad_atol: ClassVar[float] = 1.5e-1
+    #: float16 inputs (three more mantissa bits than bfloat16).
+    f16_atol: ClassVar[float] = 5e-3
+    f16_grad_atol: ClassVar[float] = 2e-2
+    #: The dtype of test_grad_mod_leaves (None: float64 if supported, else
+    #: ``input_dtype``). Leaf gradients sum the score cotangents over whole rows
+    #: and columns, weighted by positions (ALiBi: ``|i - j|``); a flash kernel's
+    #: ``delta = rowsum(dO * O)`` uses its rounded ``O``, so a bfloat16 kernel
+    #: checks them in float16, where that rounding is 8x smaller.
+    leaf_grad_dtype: ClassVar[Any] = None
 
     #: ``(B, H, Hk, T, S, D)``: GQA, MQA, T != S, lengths off any block grid.
     shapes: ClassVar[tuple] = (
@@ -409,6 +418,8 @@ class AttentionConformance:
             return (self.grad_atol64, 1e-9) if grad else (self.atol64, 1e-10)
         if dtype == BF16:
             return (self.bf16_grad_atol, 5e-2) if grad else (self.bf16_atol, 2e-2)
+        if dtype == F16:
+            return (self.f16_grad_atol, 1e-2) if grad else (self.f16_atol, 5e-3)
         return (self.grad_atol, self.grad_rtol) if grad else (self.atol, self.rtol)
 
     def assert_close(self, actual, expected, dtype, grad=False, what=""):
@@ -572,7 +583,7 @@ class AttentionConformance:
 
     def test_grad_mod_leaves(self):
         self.require("grad_mod_leaves")
-        dt = self.grad_dtype()
+        dt = self.leaf_grad_dtype or self.grad_dtype()
         B, H, Hk, T, S, D = self.mod_shape
         rng = np.random.default_rng(20)
         leaves = {n: make(B, H, T, S, rng, dt) for n, (make, _) in MOD_LEAF_CASES.items()}

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 
 from attnax.block_mask import create_block_mask
-from attnax.kernels import alibi_mod, causal_mod, compose_score_mods, document_mask_mod, sliding_window_mod
+from attnax.kernels import (
+    additive_bias_mod,
+    alibi_mod,
+    causal_mod,
+    compose_score_mods,
+    document_mask_mod,
+    sliding_window_mod,
+    softcap_mod,
+)
 from attnax.kernels._pallas import pallas_flash_attention
 from attnax.nn._layout import attend_btnh
 from attnax.reference import attention_reference
@@ -27,7 +35,6 @@ except ImportError:  # tests/ imported as a package
 
 _REASONS = {
     "float64": "the Mosaic GPU kernel computes in bfloat16/float16",
-    "grad_mod_leaves": "gradients to mod array leaves are not implemented in the Pallas kernel yet",
 }
 
 
@@ -37,7 +44,7 @@ class _PallasCases(AttentionConformance):
     bf16_grad_atol = 6e-2
     shapes = ((2, 4, 2, 37, 53, 16), (1, 2, 1, 5, 140, 8))
     supports_float64 = False
-    supports_grad_mod_leaves = False
+    leaf_grad_dtype = jnp.float16
     supports_vmap = True
     skip_reasons = _REASONS
 
@@ -249,3 +256,93 @@ def test_nested_vmap_of_grad_over_per_example_mod_leaves():
             np.testing.assert_allclose(np.asarray(out[m, n], np.float64), r_out, atol=2e-2, err_msg=where)
             for name, a, b in zip("qkv", (dq, dk, dv), r_grads):
                 np.testing.assert_allclose(np.asarray(a[m, n], np.float64), b, atol=6e-2, err_msg=f"d{name} {where}")
+
+
+def _leaf_grad_case(B, H, Hk, T, S, D, q_off, window, seed):
+    """float16 inputs and one leaf of every kind the backward kernels reduce.
+
+    ALiBi slopes (read at ``[h]``), a 0-d softcap, a per-head query bias
+    ``[1, H, q_off + T, 1]`` (dQ rows), a per-batch key bias ``[B, 1, 1, S]``
+    (dK/dV rows) and a ``[1, 1, q_off + T, S]`` bias (dQ tiles), under a
+    sliding window whose empty tiles the kernels skip.
+    """
+    rng = np.random.default_rng(seed)
+    f16 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float16)  # noqa: E731
+    q, k, v, ct = f16(B, H, T, D), f16(B, Hk, S, D), f16(B, Hk, S, D), f16(B, H, T, D)
+    leaves = {
+        "slopes": jnp.asarray(rng.random(H) + 0.05, jnp.float16),
+        "cap": jnp.asarray(3.0, jnp.float16),
+        "q_bias": f16(1, H, q_off + T, 1),
+        "kv_bias": f16(B, 1, 1, S),
+        "tile_bias": f16(1, 1, q_off + T, S),
+    }
+
+    def loss(attend, q, k, v, lv):
+        mod = compose_score_mods(
+            sliding_window_mod(window), alibi_mod(slopes=lv["slopes"]), additive_bias_mod(lv["q_bias"]),
+            additive_bias_mod(lv["kv_bias"]), additive_bias_mod(lv["tile_bias"]), softcap_mod(lv["cap"]),
+        )  # fmt: skip
+        out = attend(q, k, v, score_mod=mod, q_offset=q_off)
+        return jnp.sum(out.astype(jnp.float32 if out.dtype != jnp.float64 else out.dtype) * ct.astype(out.dtype))
+
+    return (q, k, v, leaves), loss
+
+
+def _check_leaf_grads(got, want, atol):
+    for name in want[3]:
+        assert got[3][name].shape == want[3][name].shape and got[3][name].dtype == jnp.float16, name
+        assert np.any(np.asarray(want[3][name]) != 0), name
+        np.testing.assert_allclose(np.asarray(got[3][name], np.float64), want[3][name], atol=atol, rtol=2e-2,
+                                   err_msg=f"d{name}")  # fmt: skip
+    for name, g, w in zip("qkv", got[:3], want[:3]):
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=atol, err_msg=f"d{name}")
+
+
+def _leaf_grads_vs_oracle(shape, atol):
+    args, loss = _leaf_grad_case(*shape)
+    interpret = jax.default_backend() != "gpu"
+    kernel = lambda *a, **kw: pallas_flash_attention(*a, interpret=interpret, **kw)  # noqa: E731
+    got = jax.jit(jax.grad(lambda *a: loss(kernel, *a), argnums=(0, 1, 2, 3)))(*args)
+    want = fast_jit(jax.grad(lambda *a: loss(attention_reference, *a), argnums=(0, 1, 2, 3)))(
+        *jax.tree.map(lambda x: x.astype(jnp.float64), args)
+    )
+    _check_leaf_grads(got, want, atol)
+    # Leaves nobody differentiates cost nothing: the kernels' outputs are the same.
+    plain = jax.jit(jax.grad(lambda *a: loss(kernel, *a), argnums=(0, 1, 2)))(*args)
+    for a, b in zip(plain, got[:3]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_leaf_gradients_of_every_kind():
+    """Gradients to score-mod leaves, computed in the dQ and dK/dV kernels, against the float64 oracle."""
+    # (B, H, Hk, T, S, D, q_offset, window, seed): 2 x 4 dQ tiles, a window that empties some.
+    _leaf_grads_vs_oracle((2, 2, 1, 140, 200, 16, 24, 40, 3), atol=3e-2)
+
+
+@pytest.mark.gpu
+def test_leaf_gradients_of_every_kind_compiled():
+    _leaf_grads_vs_oracle((2, 4, 2, 300, 700, 64, 100, 256, 4), atol=5e-2)
+
+
+def test_vmap_of_leaf_gradients():
+    """Per-example slopes and key biases under vmap: the probe and the kernels fold the mapped axis."""
+    M, B, H, Hk, T, S, D = 2, 1, 2, 1, 19, 27, 8
+    rng = np.random.default_rng(11)
+    f16 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float16)  # noqa: E731
+    q, k, v, ct = f16(B, H, T, D), f16(B, Hk, S, D), f16(B, Hk, S, D), f16(B, H, T, D)
+    slopes, kv_bias = jnp.asarray(rng.random((M, H)) + 0.1, jnp.float16), f16(M, B, 1, 1, S)
+
+    def grads(attend, q, k, v, s, kb):
+        def loss(s, kb):
+            mod = compose_score_mods(causal_mod(), alibi_mod(slopes=s), additive_bias_mod(kb))
+            out = attend(q, k, v, score_mod=mod, q_offset=S - T)
+            return jnp.sum(out.astype(jnp.float64 if out.dtype == jnp.float64 else jnp.float32) * ct.astype(out.dtype))
+
+        return jax.grad(loss, argnums=(0, 1))(s, kb)
+
+    kernel = lambda *a, **kw: pallas_flash_attention(*a, interpret=True, **kw)  # noqa: E731
+    got = jax.jit(jax.vmap(lambda s, kb: grads(kernel, q, k, v, s, kb)))(slopes, kv_bias)
+    for m in range(M):
+        want = fast_jit(lambda *a: grads(attention_reference, *a))(*to64(q, k, v, slopes[m], kv_bias[m]))
+        for name, g, w in zip(("slopes", "kv_bias"), got, want):
+            np.testing.assert_allclose(np.asarray(g[m], np.float64), w, atol=2e-2, rtol=2e-2, err_msg=f"d{name} #{m}")

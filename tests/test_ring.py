@@ -366,10 +366,25 @@ def test_pallas_inner_one_device():
     want_d = attention_reference(*map(up, (q, k, v)), score_mod=mod, **drop)
     assert not np.allclose(up(out_d), out_r, atol=2e-2)
     np.testing.assert_allclose(up(out_d), want_d, atol=2e-2, rtol=0)
-    # Explicit limits of the Pallas inner kernel: no gradients to mod leaves, no vma-checked shard_map.
-    with pytest.raises(NotImplementedError, match="inner='memory_efficient'"):
-        jax.grad(lambda s: ring_attention(q, k, v, mesh=mesh1, seq_axis="sp", score_mod=alibi_mod(slopes=s),
-                                          inner="pallas", **opts).astype(jnp.float32).sum())(jnp.ones(H))  # fmt: skip
+    # Gradients to mod leaves: each block's kernels add its share at global positions
+    # (float16: a bfloat16 output's rounding would swamp the position-weighted sums).
+    qh, kh, vh = (x.astype(jnp.float16) for x in (q, k, v))
+    kv_bias = jax.random.normal(jax.random.key(33), (1, 1, 1, T), jnp.float16)
+    slopes = jnp.asarray([0.3, 0.7], jnp.float16)
+
+    def leaf_loss(attend, s, kb):
+        m = compose_score_mods(causal_mod(), alibi_mod(slopes=s), additive_bias_mod(kb), document_mask_mod(ids))
+        out = attend(*(x.astype(s.dtype) for x in (qh, kh, vh)), score_mod=m)
+        return jnp.sum(out.astype(jnp.float64 if s.dtype == jnp.float64 else jnp.float32) * ct.astype(out.dtype))
+
+    ring_attend = lambda q, k, v, **kw: ring_attention(q, k, v, mesh=mesh1, seq_axis="sp", inner="pallas", **kw,
+                                                       **opts)  # fmt: skip
+    got = jax.jit(jax.grad(lambda s, kb: leaf_loss(ring_attend, s, kb), argnums=(0, 1)))(slopes, kv_bias)
+    want = jax.grad(lambda s, kb: leaf_loss(attention_reference, s, kb), argnums=(0, 1))(up(slopes), up(kv_bias))
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.float16
+        np.testing.assert_allclose(up(g), w, atol=3e-2, rtol=2e-2)
+    # An explicit limit of the Pallas inner kernel: no vma-checked shard_map.
     with pytest.raises(NotImplementedError, match="check_vma=False"):
         jax.shard_map(lambda q: ring_attention(q, q, q, axis_name="sp", inner="pallas", **opts), mesh=mesh1,
                       in_specs=SEQ, out_specs=SEQ)(q)  # fmt: skip

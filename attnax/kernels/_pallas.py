@@ -18,9 +18,9 @@ from attnax import _dropout
 from attnax._validation import AttentionDims, check_attention_args
 from attnax.block_mask import EMPTY, FULL, PARTIAL, classify_tiles
 from attnax.kernels import _pallas_mgpu_common as common
+from attnax.kernels import _pallas_mgpu_leaf_grads as leaf_grads
 from attnax.kernels import _pallas_mgpu_sm90 as sm90
 from attnax.kernels import _pallas_mgpu_sm90_bwd as sm90_bwd
-from attnax.kernels._tiles import diff_leaves
 from attnax.score_mods._base import AttentionMod, _as_mask_mod, _as_score_mod, and_masks, mod_dataclass
 from attnax.score_mods._prebuilt import leaf_at
 
@@ -265,9 +265,9 @@ def _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st: _St
         mods, pad=max(bq_cta, cfg.block_kv), probe=common.exercise_mods(_combine_masks)
     )
 
-    def build_mods(refs, ctx_getter, batch=None, prefixes=None):
+    def build_mods(refs, ctx_getter, batch=None, prefixes=None, scalar_hook=None):
         """``(transform, mask_fn, keep_fn)`` in a kernel; each None when absent."""
-        smod, kparts, drop = build(refs, ctx_getter, batch, prefixes)
+        smod, kparts, drop = build(refs, ctx_getter, batch, prefixes, scalar_hook)
         return (
             smod.transform if smod is not None else None,
             _combine_masks(kparts),
@@ -330,13 +330,19 @@ _BWD_BLOCK_Q, _BWD_BLOCK_KV, _BWD_STAGES = 64, 64, 2
 _BWD_DQ_BLOCK_KV = {False: 128, True: 64}  # by whether a score transform runs
 
 
-def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse, dout, dlse, st: _Static):
+def _backward(
+    q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse, dout, dlse, st: _Static, leaf_ids=()
+):
+    """``(dq, dk, dv, {leaf id: gradient})``: gradients to the score mod's leaves ``leaf_ids`` (inexact ones)."""
     d, cfg = st.dims, st.config
     if d.D > 128 or d.Dv > 128:
         raise NotImplementedError(
             f"the pallas_flash_attention backward supports head dims up to 128 for now; got D={d.D}, Dv={d.Dv}."
         )
     pr = _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st)
+    sites = records = None
+    if leaf_ids and pr.has_transform:
+        sites, records = leaf_grads.probe_sites(score_mod, tuple(leaf_ids), d.B, d.H)
     log2e = 1.4426950408889634
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     if st.bshd:
@@ -361,7 +367,7 @@ def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, see
         scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,
         unit_derivative=pr.has_transform and common.unit_score_derivative(score_mod),
         has_mask=pr.mask_fn is not None, sparse=pr.sparse, dropout=st.dropout_rate, interpret=st.interpret,
-        num_stages=_BWD_STAGES, bshd=st.bshd, mod_batch=d.B,
+        num_stages=_BWD_STAGES, bshd=st.bshd, mod_batch=d.B, leaf_sites=sites,
     )  # fmt: skip
     arrays = (qp, kp, vp, dop, lse2, delta)
 
@@ -372,21 +378,66 @@ def _backward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, see
             arrays, pr.offsets, lists, operands, pr.build_mods,
         )  # fmt: skip
 
-    dq = launch(sm90_bwd.dq_kernel_call, dq_lists, pr.operands, block_q=cfg.block_q, block_kv=dq_bkv)
-    dk, dv = launch(
+    dq, *dq_leaf = launch(sm90_bwd.dq_kernel_call, dq_lists, pr.operands, block_q=cfg.block_q, block_kv=dq_bkv)
+    dk, dv, *dkv_leaf = launch(
         sm90_bwd.dkv_kernel_call, dkv_lists, pr.operands + common.transposed_twins(pr.operands),
         block_q=_BWD_BLOCK_Q, block_kv=_BWD_BLOCK_KV,
     )  # fmt: skip
-    return _unpad(dq, d.T, d.D, st), _unpad(dk, d.S, d.D, st), _unpad(dv, d.S, d.Dv, st)
+    grads = {}
+    if sites is not None:
+        visited = _visited(classes, (2 * cfg.block_q, dq_bkv), pr, d) if pr.sparse else None
+        grads = _leaf_gradients(score_mod, sites, records, dq_leaf, dkv_leaf, visited, pr, d)
+    dq, dk, dv = _unpad(dq, d.T, d.D, st), _unpad(dk, d.S, d.D, st), _unpad(dv, d.S, d.Dv, st)
+    return dq, dk, dv, grads
+
+
+def _visited(classes, block, pr: _Prepared, d):
+    """``[B, H, Tp, Sp]``: whether the dQ kernel visits each score (its tiles are ``block``)."""
+    visited = jnp.broadcast_to(classes != EMPTY, (d.B, d.H, *classes.shape[2:]))
+    visited = jnp.repeat(jnp.repeat(visited, block[0], axis=2), block[1], axis=3)[..., : pr.Sp]
+    return jnp.pad(visited, ((0, 0), (0, 0), (0, pr.Tp - visited.shape[2]), (0, pr.Sp - visited.shape[3])))
+
+
+def _leaf_gradients(score_mod, sites, records, dq_outs, dkv_outs, visited, pr: _Prepared, d):
+    """The leaf gradients from the backward kernels' site outputs (see :mod:`._pallas_mgpu_leaf_grads`)."""
+    dq_outs, dkv_outs = iter(dq_outs), iter(dkv_outs)
+    rows, tiles = sites.where(("scalar", "q")), sites.where(("tile",))
+    values = []
+    for m, kind in enumerate(sites.kinds):
+        if m in rows:
+            v = next(dq_outs)
+            values.append(jnp.sum(v, axis=-1) if kind == "scalar" else v)
+        elif m not in tiles:
+            values.append(next(dkv_outs))
+        else:
+            values.append(None)
+    for m in tiles:  # tiles the dQ kernel did not visit hold garbage
+        v = next(dq_outs)
+        values[m] = v if visited is None else jnp.where(visited, v, 0.0)
+    # Padding rows and keys (beyond T and S) are no positions of this call.
+    crop = {"scalar": (), "q": (d.T,), "kv": (d.S,), "tile": (d.T, d.S)}
+    values = [v[(..., *(slice(0, n) for n in crop[kind]))] for v, kind in zip(values, sites.kinds)]
+    return leaf_grads.assemble(score_mod, sites, records, values, pr.offsets[: d.B], pr.offsets[d.B :])
 
 
 def _value(x):
     return x.value if isinstance(x, jax.custom_derivatives.CustomVJPPrimal) else x
 
 
-def _perturbed(x) -> bool:
-    return any(getattr(leaf, "perturbed", False) for leaf in jax.tree_util.tree_leaves(
-        x, is_leaf=lambda y: isinstance(y, jax.custom_derivatives.CustomVJPPrimal)))  # fmt: skip
+def _is_primal(x) -> bool:
+    return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+
+
+def _inexact(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _LeafRequest:
+    """The score mod's leaves whose gradients the backward computes (a static residual)."""
+
+    ids: tuple[int, ...]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
@@ -395,31 +446,33 @@ def _attention(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, se
 
 
 def _attention_fwd(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st):
-    if _perturbed((score_mod, mask_mod, block_mask)):
-        raise NotImplementedError(
-            "pallas_flash_attention does not differentiate with respect to the array leaves of its mods yet "
-            "(a learnable bias or ALiBi slopes); use memory_efficient_attention for those gradients."
-        )
+    # Only the perturbed inexact leaves of the score mod get gradients (computed
+    # in the backward kernels); mask leaves select scores, their gradient is zero.
+    leaves = jax.tree_util.tree_leaves(score_mod, is_leaf=_is_primal)
+    request = _LeafRequest(tuple(i for i, x in enumerate(leaves) if x.perturbed and _inexact(x.value)))
     q, k, v, q_offset, kv_offset, seed = map(_value, (q, k, v, q_offset, kv_offset, seed))
     score_mod, mask_mod, block_mask = jax.tree_util.tree_map(
-        _value, (score_mod, mask_mod, block_mask),
-        is_leaf=lambda y: isinstance(y, jax.custom_derivatives.CustomVJPPrimal),
+        _value, (score_mod, mask_mod, block_mask), is_leaf=_is_primal
     )
     out, lse = _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st)
-    return (out, lse), (q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse)
+    return (out, lse), (q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse, request)
 
 
 def _attention_bwd(st, res, cts):
-    q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse = res
+    q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse, request = res
     dout, dlse = cts
     if isinstance(dout, jax.custom_derivatives.SymbolicZero):
         dout = jnp.zeros(out.shape, out.dtype)
     if isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         dlse = None
-    dq, dk, dv = _backward(
-        q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse, dout, dlse, st
+    dq, dk, dv, grads = _backward(
+        q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, out, lse, dout, dlse, st, request.ids
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    leaves, treedef = jax.tree_util.tree_flatten(score_mod)
+    dmod = jax.tree_util.tree_unflatten(
+        treedef, [grads.get(i, jnp.zeros_like(x)) if i in request.ids else None for i, x in enumerate(leaves)]
+    )
+    return dq, dk, dv, None, None, dmod, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
@@ -431,7 +484,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 # ``q_offset``/``kv_offset``, and a backward that takes the global LSE.
 
 #: Ring attention asks before differentiating mod leaves through this kernel.
-differentiates_mod_leaves = False
+differentiates_mod_leaves = True
 #: Mosaic GPU kernels keep the varying-axis types of their operands on their
 #: refs (jax 0.10), so loop carries inside them mismatch under ``check_vma``:
 #: ring attention runs its ``shard_map`` with ``check_vma=False`` for them.
@@ -471,15 +524,17 @@ def forward(q, k, v, extras, static, *, interpret: bool = False):
 def backward(q, k, v, extras, static, out, lse, dout, dlse=None, *, interpret: bool = False):
     """The block's ``(dq, dk, dv, dmod)``; ``lse``/``out`` are the global ones.
 
-    ``dmod`` holds zeros for the score mod's inexact leaves: this kernel does
-    not differentiate them (ring attention checks first, see
-    :data:`differentiates_mod_leaves`).
+    ``dmod`` holds the gradients of the score mod's inexact leaves (the
+    order of ``diff_leaves``), computed in the backward kernels.
     """
     st = _block_static(q, k, v, extras, static, interpret)
     smod, mmod, q_off = _block_mods(q, extras)
-    dq, dk, dv = _backward(q, k, v, q_off, extras.kv_offset, smod, mmod, None, extras.seed, out, lse, dout, dlse, st)
-    leaves, _ = diff_leaves(extras.score_mod)
-    return dq, dk, dv, [jnp.zeros(jnp.shape(x), x.dtype) for x in leaves]
+    leaves = [] if smod is None else jax.tree_util.tree_leaves(smod)
+    ids = tuple(i for i, x in enumerate(leaves) if _inexact(jnp.asarray(x)))
+    dq, dk, dv, grads = _backward(
+        q, k, v, q_off, extras.kv_offset, smod, mmod, None, extras.seed, out, lse, dout, dlse, st, ids
+    )
+    return dq, dk, dv, [grads.get(i, jnp.zeros(jnp.shape(leaves[i]), leaves[i].dtype)) for i in ids]
 
 
 def _on_gpu() -> bool:

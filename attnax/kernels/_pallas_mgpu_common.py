@@ -163,20 +163,26 @@ class Lowering:
         if not self.interpret:
             plgpu.wgmma_wait(n)
 
-    def walk(self, accs, walk, body, t0=None):
+    def walk(self, accs, walk, body, t0=None, carry=None):
         """``walk.consume`` of ``body(j, t, is_partial)`` with ``accs`` live across the tiles.
 
-        Returns the visit count end, like ``TileWalk.consume``.
+        Returns the visit count end, like ``TileWalk.consume``. With a
+        ``carry`` (a pytree of register values), ``body(j, t, is_partial,
+        carry)`` returns the new carry and this returns ``(t, carry)``.
         """
 
         def visit(j, t, is_partial, values):
+            values, c = values
             self.restore(accs, values)
-            body(j, t, is_partial)
-            return self.values(accs)
+            if carry is None:
+                body(j, t, is_partial)
+            else:
+                c = body(j, t, is_partial, c)
+            return self.values(accs), c
 
-        t, values = walk.consume(visit, self.values(accs), t0=t0)
+        t, (values, c) = walk.consume(visit, (self.values(accs), carry), t0=t0)
         self.restore(accs, values)
-        return t
+        return t if carry is None else (t, c)
 
     def values(self, accs):
         return tuple(a.value for a in accs) if self.interpret else ()
@@ -237,6 +243,7 @@ class LoadTape:
 
     def __init__(self):
         self.values: list = []
+        self.sites: list = []  # (leaf id, kind) of each recorded load: kind in LEAF_KINDS
         self.replaying = False
         self._next = 0
 
@@ -264,8 +271,9 @@ class TileOperand:
     ``shape`` leaves them out, so the mod sees its leaf as it wrote it.
     """
 
-    def __init__(self, ref, ctx_getter, twin=None, prefix=()):
+    def __init__(self, ref, ctx_getter, twin=None, prefix=(), leaf_id=None):
         self._ref = ref
+        self.leaf_id = leaf_id  # the leaf's position among the flattened mods' leaves
         self._twin = twin  # the leaf with its last two axes swapped (transposed tiles), or None
         self._ctx = ctx_getter
         self._prefix = tuple(prefix)
@@ -277,9 +285,10 @@ class TileOperand:
         ctx: TileContext = self._ctx()
         if ctx.tape is not None and ctx.tape.replaying:
             return ctx.tape.take()
-        value = self._load(ctx, idx)
+        value, kind = self._load(ctx, idx)
         if ctx.tape is not None:
             ctx.tape.values.append(value)
+            ctx.tape.sites.append((self.leaf_id, kind))
         return value
 
     def _load(self, ctx: TileContext, idx):
@@ -315,12 +324,12 @@ class TileOperand:
         pre, ref_idx = self._prefix, tuple(ref_idx)
         low = ctx.lowering
         if q_dim is None and kv_dim is None:
-            return self._ref[(*pre, *ref_idx)]
+            return self._ref[(*pre, *ref_idx)], "scalar"
         if q_dim is not None and kv_dim is not None:
             if q_dim > kv_dim:
                 raise NotImplementedError("index a 2-D leaf as [..., q_idx, ..., kv_idx] (query dimension first).")
             if ctx.q_axis == 0:
-                return low.load(self._ref.at[(*pre, *ref_idx)], WGMMA)
+                return low.load(self._ref.at[(*pre, *ref_idx)], WGMMA), "tile"
             # A [keys, queries] tile: read from the leaf's transposed twin, whose
             # kv axis comes first, so the load stays contiguous along the tile's
             # rows (Mosaic GPU cannot vectorise a transposed global-memory load).
@@ -329,11 +338,11 @@ class TileOperand:
                     "in the Pallas backward, a mod that reads a tile of an array leaf must index its last two "
                     "axes by q_idx and kv_idx, as leaf[..., q_idx, kv_idx]."
                 )
-            return low.load(self._twin.at[(*pre, *ref_idx[:-2], ref_idx[-1], ref_idx[-2])], WGMMA)
+            return low.load(self._twin.at[(*pre, *ref_idx[:-2], ref_idx[-1], ref_idx[-2])], WGMMA), "tile"
         # A vector along one tile axis, broadcast along the other.
         axis = ctx.q_axis if q_dim is not None else 1 - ctx.q_axis
         v = low.load(self._ref.at[(*pre, *ref_idx)], WGMMA_ROW if axis == 0 else WGMMA_COL)
-        return low.broadcast(v, ctx.shape, axis)
+        return low.broadcast(v, ctx.shape, axis), "q" if q_dim is not None else "kv"
 
 
 def tile_keep(keep_fn, b, h, ctx: TileContext):
@@ -550,8 +559,9 @@ def flatten_mods(mods, pad: int, probe=None):
 
     Returns:
         ``(operands, build)``: ``build(refs, ctx_getter, batch=None,
-        prefixes=None)`` returns the mods with their leaves replaced by
-        :class:`TileOperand` s (or scalars). Kernels that score transposed
+        prefixes=None, scalar_hook=None)`` returns the mods with their leaves
+        replaced by :class:`TileOperand` s (or scalars: ``scalar_hook(leaf
+        id, value)`` may replace those, for the backward's leaf gradients). Kernels that score transposed
         tiles pass ``operands + transposed_twins(operands)`` and hand all their
         refs to ``build``. Under ``jax.vmap``, ``prefixes`` has one batch
         prefix per ref (see :func:`vmappable_call`) and ``batch`` is the
@@ -582,14 +592,15 @@ def flatten_mods(mods, pad: int, probe=None):
 
     has_twin = [_has_twin(op) for op in operands]  # static: build must not hold the (traced) operands
 
-    def build(refs, ctx_getter, batch=None, prefixes=None):
+    def build(refs, ctx_getter, batch=None, prefixes=None, scalar_hook=None):
         refs = list(refs)
         pres = [batch_prefix_index(batch, p) for p in prefixes or ((),) * len(refs)]
         main, rest = refs[: len(kinds)], iter(refs[len(kinds) :])
         twins = [next(rest, None) if t else None for t in has_twin]
+        hook = scalar_hook or (lambda i, x: x)
         new = [
-            ref[(*pre, 0)] if kind == "scalar" else TileOperand(ref, ctx_getter, twin, pre)
-            for ref, kind, twin, pre in zip(main, kinds, twins, pres)
+            hook(i, ref[(*pre, 0)]) if kind == "scalar" else TileOperand(ref, ctx_getter, twin, pre, leaf_id=i)
+            for i, (ref, kind, twin, pre) in enumerate(zip(main, kinds, twins, pres))
         ]
         return jax.tree_util.tree_unflatten(treedef, new)
 

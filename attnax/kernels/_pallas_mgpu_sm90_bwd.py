@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from attnax.kernels import _pallas_mgpu_leaf_grads as leaf_grads
 from attnax.kernels._pallas_mgpu_common import (
     PAIRED_SMEM,
     WGMMA_COL,
@@ -69,6 +70,7 @@ class BwdStatic:
     dropout: float = 0.0  # the dropout rate (0: off)
     bshd: bool = False  # q, k, v, do and the gradients are [B, S, H, D] (lse, delta stay [B, H, S])
     mod_batch: int | None = None  # the user's batch size (vmap folds its axes into the batch); None: B
+    leaf_sites: leaf_grads.LeafSites | None = None  # score-mod leaves to differentiate (None: none)
 
 
 def _tail_mask(mask_fn, kv_idx, S):
@@ -83,11 +85,21 @@ def _tail_mask(mask_fn, kv_idx, S):
     return mask
 
 
-def _tile_scores(s, transform, unit, mask_fn, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx):
-    """Score-mod transform (with its VJP) and, on partial tiles, the mask."""
+def _tile_scores(s, transform, unit, mask_fn, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx, leaves=None):
+    """Score-mod transform (with its VJP) and, on partial tiles, the mask: ``(s, vjp, derivatives)``.
+
+    ``leaves``: ``(build_transform, LeafSites, wanted sites)`` when this
+    kernel reduces leaf cotangents; ``derivatives`` then maps each wanted
+    site to its ``dt/dx`` tile (see :mod:`._pallas_mgpu_leaf_grads`).
+    """
     ctx_box[0] = ctx
-    vjp = None
-    if transform is not None and unit:
+    vjp, derivs = None, {}
+    if leaves is not None:
+        build_transform, sites, wanted = leaves
+        s, slope, derivs = leaf_grads.tile_scores(build_transform, s, (b, h, q_idx, kv_idx), ctx, sites, wanted, unit)
+        if slope is not None:
+            vjp = lambda ds: (ds * slope,)  # noqa: E731
+    elif transform is not None and unit:
         s = transform(s, b, h, q_idx, kv_idx).astype(jnp.float32)
     elif transform is not None:
         # Score mods are elementwise in the score (the protocol), so their VJP is
@@ -103,7 +115,7 @@ def _tile_scores(s, transform, unit, mask_fn, need_mask, is_partial, b, h, q_idx
         vjp = lambda ds: (ds * slope,)  # noqa: E731
     if need_mask and mask_fn is not None:
         s = lax.cond(is_partial, lambda s: jnp.where(mask_fn(b, h, q_idx, kv_idx), s, -jnp.inf), lambda s: s, s)
-    return s, vjp
+    return s, vjp, derivs
 
 
 def _dropped(st: BwdStatic, keep, x):
@@ -116,13 +128,35 @@ def _dropped(st: BwdStatic, keep, x):
 def _accumulate_ds(low, acc, p, dp, delta, axis: int, vjp, b_smem):
     """``acc += dS @ b`` with ``dS = P * (dP - delta)`` (times the mod's derivative); waits for it.
 
-    ``delta`` is a vector along ``axis`` of the tile: its query axis.
+    ``delta`` is a vector along ``axis`` of the tile: its query axis. Returns
+    ``dS`` before the mod's derivative: the transformed scores' cotangent.
     """
-    ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [axis]))
-    if vjp is not None:
-        (ds,) = vjp(ds)
+    dt = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [axis]))
+    ds = dt if vjp is None else vjp(dt)[0]
     low.mma(acc, ds.astype(b_smem.dtype), b_smem)
     low.wait(0)
+    return dt
+
+
+def _leaf_rows(row_sites, derivs, dt, rows):
+    """Adds each row site's cotangent, summed along the tile's axis 1, to its vector in ``rows``."""
+    return tuple(r + leaf_grads.cotangent(dt, derivs[m]).sum(axis=1) for r, m in zip(rows, row_sites))
+
+
+def _leaf_plan(st: BwdStatic, kinds, build_mods, op_refs, ctx_getter, b):
+    """``(row sites, tile sites, leaves argument of _tile_scores or None)`` of one kernel."""
+    sites = st.leaf_sites
+    if sites is None:
+        return (), (), None
+    rows = sites.where(kinds[0])
+    tiles = sites.where(kinds[1])
+    if not rows and not tiles:
+        return (), (), None
+
+    def build_transform(hook):
+        return build_mods(op_refs, ctx_getter, b, scalar_hook=hook)[0]
+
+    return rows, tiles, (build_transform, sites, rows + tiles)
 
 
 def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build_mods: Callable, st: BwdStatic):
@@ -130,7 +164,10 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
 
     Shapes as in the forward (``Tp`` a multiple of ``2 * block_q``, ``Sp`` of
     ``block_kv``); ``lists`` are the forward's tile lists. Returns ``dq``
-    ``[B, H, Tp, D]`` in the input dtype, already multiplied by ``scale``.
+    ``[B, H, Tp, D]`` in the input dtype, already multiplied by ``scale``,
+    then the cotangents of the leaf sites of kinds ``scalar`` and ``q``
+    (``[B, H, Tp]`` float32 each, summed over keys) and ``tile`` (``[B, H,
+    Tp, Sp]``; tiles that are not visited hold garbage), in site order.
     """
     B, H, Tp, D = bhsd_dims(q, st.bshd)
     _, Hk, Sp, Dv = bhsd_dims(v, st.bshd)
@@ -140,8 +177,12 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
     n_ops = len(mod_operands)
     lists = () if lists is None else lists
     low = Lowering(st.interpret)
+    sites = st.leaf_sites
+    n_rows = len(sites.where(("scalar", "q"))) if sites else 0
+    n_tiles = len(sites.where(("tile",))) if sites else 0
+    leaf_smem = 4 * (n_rows * 2 * bq + (2 * bq * bkv if n_tiles else 0))
     # Two query tiles per CTA when a separate dQ buffer fits (QueryTiles).
-    smem = (2 * bq * (2 * D + Dv) + stages * bkv * (D + Dv)) * jnp.dtype(dtype).itemsize + 4 * bq * 4
+    smem = (2 * bq * (2 * D + Dv) + stages * bkv * (D + Dv)) * jnp.dtype(dtype).itemsize + 4 * bq * 4 + leaf_smem
     tiles = QueryTiles(nq, smem <= PAIRED_SMEM)
 
     def kernel(*refs):
@@ -150,8 +191,13 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
         list_refs = refs[7 : 7 + len(lists)]
         op_refs = refs[7 + len(lists) : n_in]
         dq_ref = refs[n_in]
-        smems, row_bars, (k_bar, v_bar), (k_free, v_free) = refs[n_in + 1 :]
+        row_outs = refs[n_in + 1 : n_in + 1 + n_rows]
+        tile_outs = refs[n_in + 1 + n_rows : n_in + 1 + n_rows + n_tiles]
+        smems, row_bars, (k_bar, v_bar), (k_free, v_free) = refs[n_in + 1 + n_rows + n_tiles :]
         q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smems[:6]
+        extra = iter(smems[7 if tiles.paired else 6 :])
+        rows_smem = next(extra) if n_rows else None
+        leaf_tile_smem = next(extra) if n_tiles else None
         b = lax.axis_index("batch")
         b_mod = mod_batch_index(b, B, st.mod_batch or B)  # the batch row the mods see
         h = lax.axis_index("heads")
@@ -173,6 +219,9 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
             out_smem = smems[6].at[wg] if tiles.paired else q_smem
             ctx_box = [None]
             transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0], b)
+            row_sites, tile_sites, leaves = _leaf_plan(
+                st, (("scalar", "q"), ("tile",)), build_mods, op_refs, lambda: ctx_box[0], b
+            )
 
             def load_rows(qi):
                 rows = pl.ds(qi * (2 * bq) + wg * bq, bq)
@@ -192,19 +241,25 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                     plgpu.barrier_wait(bar.at[wg])
                 lse_row = low.load(lse_smem2.at[wg], WGMMA_ROW)
                 delta_row = low.load(delta_smem2.at[wg], WGMMA_ROW)
-                t, dq = low.accumulators(lambda acc: dq_tile(qi, q_start, lse_row, delta_row, acc, t), (bq, D))
+                t, dq, rows = low.accumulators(
+                    lambda acc: dq_tile(qi, row0, q_start, lse_row, delta_row, acc, t), (bq, D)
+                )
                 if tiles.paired:  # Q and dO are free: the next tile's rows load during this epilogue
                     pl.when(i + 1 < n_items)(lambda: load_rows(tiles.tile(cta, i + 1)))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
                 out_smem[...] = (dq * st.scale).astype(dtype)
+                for n, r in enumerate(rows):
+                    rows_smem.at[n, wg][...] = r
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(out_smem, slab(dq_ref, b, h, pl.ds(row0, bq), st.bshd))
+                for n, o in enumerate(row_outs):
+                    plgpu.copy_smem_to_gmem(rows_smem.at[n, wg], o.at[b, h, pl.ds(row0, bq)])
                 return t
 
-            def dq_tile(qi, q_start, lse_row, delta_row, dq_acc, t0):
-                """dQ of query tile ``qi``; returns the ring's visit count after it and dQ."""
+            def dq_tile(qi, row0, q_start, lse_row, delta_row, dq_acc, t0):
+                """dQ of query tile ``qi``; returns the ring's visit count after it, dQ and the leaf rows."""
 
-                def step_body(j, t, is_partial, dq_acc):
+                def step_body(j, t, is_partial, dq_acc, rows):
                     slot = lax.rem(t, jnp.int32(stages))
                     kv_start = kv_off + j * bkv
                     k_slot, v_slot = k_smem.at[slot], v_smem.at[slot]
@@ -221,22 +276,33 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                         kv_idx = kv_start + low.iota((bq, bkv), 1)
                         ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
                         mask = _tail_mask(mask_fn, kv_idx, kv_off + st.S if ragged else None)
-                        s, vjp = _tile_scores(
+                        s, vjp, derivs = _tile_scores(
                             s, transform, st.unit_derivative, mask, need_mask, is_partial,
-                            b_mod, h, q_idx, kv_idx, ctx_box, ctx,
-                        )
+                            b_mod, h, q_idx, kv_idx, ctx_box, ctx, leaves,
+                        )  # fmt: skip
                         p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
                         keep = tile_keep(keep_fn, b_mod, h, ctx) if st.dropout else None
                         dp = _dropped(st, keep, low.read(dp_acc, wait_n=0))
                         plgpu.barrier_arrive(v_free.at[slot])
-                        _accumulate_ds(low, dq_acc, p, dp, delta_row, 0, vjp, k_slot)
+                        dt = _accumulate_ds(low, dq_acc, p, dp, delta_row, 0, vjp, k_slot)
+                        for n, m in enumerate(tile_sites):  # one store per site and tile, each written once
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                            leaf_tile_smem.at[wg][...] = leaf_grads.cotangent(dt, derivs[m])
+                            plgpu.commit_smem()
+                            dst = tile_outs[n].at[b, h, pl.ds(row0, bq), pl.ds(j * bkv, bkv)]
+                            plgpu.copy_smem_to_gmem(leaf_tile_smem.at[wg], dst)
+                        return _leaf_rows(row_sites, derivs, dt, rows)
 
-                    low.accumulators(tile, (bq, bkv), (bq, bkv))
+                    rows = low.accumulators(tile, (bq, bkv), (bq, bkv))
                     plgpu.barrier_arrive(k_free.at[slot])
+                    return rows
 
-                t = low.walk((dq_acc,), tile_walk(qi), lambda j, t, is_partial: step_body(j, t, is_partial, dq_acc),
-                             t0=t0)  # fmt: skip
-                return t, low.read(dq_acc)
+                rows0 = tuple(low.cast(jnp.zeros((bq,), jnp.float32), WGMMA_ROW) for _ in row_sites)
+                t, rows = low.walk(
+                    (dq_acc,), tile_walk(qi), lambda j, t, is_partial, rows: step_body(j, t, is_partial, dq_acc, rows),
+                    t0=t0, carry=rows0,
+                )  # fmt: skip
+                return t, low.read(dq_acc), rows
 
             lax.fori_loop(0, n_items, item, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
@@ -270,6 +336,10 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
     )
     if tiles.paired:
         smems += (plgpu.SMEM((2, bq, D), dtype, **tiled),)
+    if n_rows:
+        smems += (plgpu.SMEM((n_rows, 2, bq), jnp.float32),)
+    if n_tiles:
+        smems += (plgpu.SMEM((2, bq, bkv), jnp.float32),)
     scratch = [
         smems,
         (plgpu.Barrier(num_barriers=2),) * 4,
@@ -279,7 +349,11 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
     kwargs = {} if not st.interpret else {"interpret": _interpret()}
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct(layout_shape(B, H, Tp, D, st.bshd), dtype),
+        out_type=(
+            jax.ShapeDtypeStruct(layout_shape(B, H, Tp, D, st.bshd), dtype),
+            *[jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)] * n_rows,
+            *[jax.ShapeDtypeStruct((B, H, Tp, Sp), jnp.float32)] * n_tiles,
+        ),
         scratch_types=scratch,
         grid=(H, tiles.n_ctas, B),
         grid_names=("heads", "q_seq", "batch"),
@@ -295,7 +369,9 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
 
     ``lists``: ``(counts [Bm, Hm, nkt, 2], order [Bm, Hm, nkt, nqt])`` per kv
     tile of ``2 * block_kv`` rows, over query tiles of ``block_q`` rows (the
-    transposed view). Returns ``dk`` (times ``scale``) and ``dv``, ``[B, Hk, Sp, ·]``.
+    transposed view). Returns ``dk`` (times ``scale``) and ``dv``, ``[B, Hk, Sp, ·]``,
+    then the cotangents of the leaf sites of kind ``kv`` (``[B, H, Sp]``
+    float32 each, summed over queries), in site order.
     """
     B, H, Tp, D = bhsd_dims(q, st.bshd)
     _, Hk, Sp, Dv = bhsd_dims(v, st.bshd)
@@ -306,6 +382,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
     n_ops = len(mod_operands)
     lists = () if lists is None else lists
     low = Lowering(st.interpret)
+    n_rows = len(st.leaf_sites.where(("kv",))) if st.leaf_sites else 0
 
     def kernel(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qoff_ref = refs[:7]
@@ -313,7 +390,10 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
         list_refs = refs[7 : 7 + len(lists)]
         op_refs = refs[7 + len(lists) : n_in]
         dk_ref, dv_ref = refs[n_in : n_in + 2]
-        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), kv_bars, ready, free = refs[n_in + 2 :]
+        row_outs = refs[n_in + 2 : n_in + 2 + n_rows]
+        smems, kv_bars, ready, free = refs[n_in + 2 + n_rows :]
+        k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smems[:6]
+        rows_smem = smems[6] if n_rows else None
         b = lax.axis_index("batch")
         b_mod = mod_batch_index(b, B, st.mod_batch or B)  # the batch row the mods see
         hk = lax.axis_index("heads")
@@ -332,7 +412,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
         def _compute():
             plgpu.set_max_registers(_REGISTERS[0], action="increase")
             row0 = kt * (2 * bkv) + wg * bkv
-            rows = pl.ds(row0, bkv)
+            rows = rows_range = pl.ds(row0, bkv)
             kv_row0 = qoff_ref[B + b] + row0  # absolute position of the first key row
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
             plgpu.copy_gmem_to_smem(slab(k_ref, b, hk, rows, st.bshd), k_smem, kv_bars[0].at[wg])
@@ -341,8 +421,9 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             plgpu.barrier_wait(kv_bars[1].at[wg])
             ctx_box = [None]
             transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0], b)
+            row_sites, _, leaves = _leaf_plan(st, (("kv",), ()), build_mods, op_refs, lambda: ctx_box[0], b)
 
-            def step_body(h, j, t, is_partial, dk_acc, dv_acc):
+            def step_body(h, j, t, is_partial, dk_acc, dv_acc, rows):
                 slot = lax.rem(t, jnp.int32(stages))
                 q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
                 q_start = qoff_ref[b] + j * bq
@@ -358,20 +439,22 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     kv_idx = kv_row0 + low.iota((bkv, bq), 0)
                     q_idx = q_start + low.iota((bkv, bq), 1)
                     ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
-                    s, vjp = _tile_scores(
+                    s, vjp, derivs = _tile_scores(
                         s, transform, st.unit_derivative, mask_fn, st.has_mask, is_partial,
-                        b_mod, h, q_idx, kv_idx, ctx_box, ctx,
-                    )
+                        b_mod, h, q_idx, kv_idx, ctx_box, ctx, leaves,
+                    )  # fmt: skip
                     lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                     delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
                     keep = tile_keep(keep_fn, b_mod, h, ctx) if st.dropout else None
                     low.mma(dv_acc, _dropped(st, keep, p).astype(dtype), do_slot)
                     dp = _dropped(st, keep, low.read(dp_acc, wait_n=1))
-                    _accumulate_ds(low, dk_acc, p, dp, delta_col, 1, vjp, q_slot)
+                    dt = _accumulate_ds(low, dk_acc, p, dp, delta_col, 1, vjp, q_slot)
+                    return _leaf_rows(row_sites, derivs, dt, rows)
 
-                low.accumulators(tile, (bkv, bq), (bkv, bq))
+                rows = low.accumulators(tile, (bkv, bq), (bkv, bq))
                 plgpu.barrier_arrive(free.at[slot])
+                return rows
 
             def grads(dk_acc, dv_acc):
                 accs = (dk_acc, dv_acc)
@@ -380,7 +463,18 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     t, values = carry
                     low.restore(accs, values)
                     h, walk = head_walk(g)
-                    t = low.walk(accs, walk, lambda j, t, is_partial: step_body(h, j, t, is_partial, *accs), t0=t)
+                    rows0 = tuple(low.cast(jnp.zeros((bkv,), jnp.float32), WGMMA_ROW) for _ in row_sites)
+                    t, rows = low.walk(
+                        accs, walk, lambda j, t, is_partial, rows: step_body(h, j, t, is_partial, *accs, rows),
+                        t0=t, carry=rows0,
+                    )  # fmt: skip
+                    if row_sites:  # this head's per-key leaf cotangents
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        for n, r in enumerate(rows):
+                            rows_smem.at[n, wg][...] = r
+                        plgpu.commit_smem()
+                        for n, o in enumerate(row_outs):
+                            plgpu.copy_smem_to_gmem(rows_smem.at[n, wg], o.at[b, h, rows_range])
                     return t, low.values(accs)
 
                 _, values = lax.fori_loop(0, G, per_head, (jnp.int32(0), low.values(accs)))
@@ -427,6 +521,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             plgpu.SMEM((stages, bq, Dv), dtype, **tiled),
             plgpu.SMEM((stages, bq), jnp.float32),
             plgpu.SMEM((stages, bq), jnp.float32),
+            *[plgpu.SMEM((n_rows, 2, bkv), jnp.float32)] * bool(n_rows),
         ),
         (plgpu.Barrier(num_barriers=2),) * 2,
         (plgpu.Barrier(num_barriers=stages),) * 4,
@@ -438,6 +533,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
         out_type=(
             jax.ShapeDtypeStruct(layout_shape(B, Hk, Sp, D, st.bshd), dtype),
             jax.ShapeDtypeStruct(layout_shape(B, Hk, Sp, Dv, st.bshd), dtype),
+            *[jax.ShapeDtypeStruct((B, H, Sp), jnp.float32)] * n_rows,
         ),
         scratch_types=scratch,
         grid=(Hk, nkt, B),
