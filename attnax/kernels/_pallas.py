@@ -324,10 +324,24 @@ def _unpad(x, n, dim, st: _Static):
 # rows (64 keys when a score mod transforms scores: its temporaries and the
 # 64 x 128 score and dP tiles would not fit the registers together; measured on
 # H100: ALiBi's dQ kernel 5.1 -> 3.0 ms, causal alone 2.1 -> 2.2 ms); dK/dV
-# streams query tiles of _BWD_BLOCK_Q rows past 2 x _BWD_BLOCK_KV key rows (the
-# forward's padding to multiples of 128 serves both).
+# streams query tiles of _BWD_BLOCK_Q rows past 2 x _BWD_BLOCK_KV key rows (keys
+# padded to a multiple of 128).
 _BWD_BLOCK_Q, _BWD_BLOCK_KV, _BWD_STAGES = 64, 64, 2
 _BWD_DQ_BLOCK_KV = {False: 128, True: 64}  # by whether a score transform runs
+
+
+def _bwd_tiles(D: int, Dv: int, has_transform: bool):
+    """``(dQ key tile, dK/dV query tile, dK/dV parts)`` for the head dims.
+
+    Up to 128, one dK/dV kernel keeps both accumulators. Wider heads (to 256)
+    would need 2 x 128 registers per thread for them: dK and dV then run as
+    two launches of the same kernel, one accumulator each, and the streamed
+    tiles shrink to 32 rows so that K, V and the Q/dO ring fit the 227 KiB of
+    shared memory (dQ: 2 x 64 query rows of Q and dO, 2 x 32 keys of K and V).
+    """
+    if max(D, Dv) <= 128:
+        return _BWD_DQ_BLOCK_KV[has_transform], _BWD_BLOCK_Q, ("both",)
+    return 32, 32, ("dk", "dv")
 
 
 def _backward(
@@ -335,10 +349,6 @@ def _backward(
 ):
     """``(dq, dk, dv, {leaf id: gradient})``: gradients to the score mod's leaves ``leaf_ids`` (inexact ones)."""
     d, cfg = st.dims, st.config
-    if d.D > 128 or d.Dv > 128:
-        raise NotImplementedError(
-            f"the pallas_flash_attention backward supports head dims up to 128 for now; got D={d.D}, Dv={d.Dv}."
-        )
     pr = _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st)
     sites = records = None
     if leaf_ids and pr.has_transform:
@@ -354,14 +364,15 @@ def _backward(
     lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, pr.Tp - d.T)), constant_values=jnp.inf)
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, pr.Tp - d.T)))
     qp, dop = pr.pad(q, pr.Tp, d.D), pr.pad(dout.astype(q.dtype), pr.Tp, d.Dv)
-    kp, vp = pr.pad(k, pr.Sp, d.D), pr.pad(v, pr.Sp, d.Dv)
+    Sk = _round_up(pr.Sp, 2 * _BWD_BLOCK_KV)  # whole dK/dV CTAs
+    kp, vp = pr.pad(k, Sk, d.D), pr.pad(v, Sk, d.Dv)
     dq_lists = dkv_lists = None
-    dq_bkv = _BWD_DQ_BLOCK_KV[pr.has_transform]
+    dq_bkv, dkv_bq, parts = _bwd_tiles(d.D, d.Dv, pr.has_transform)
     if pr.sparse:
         q_cls = _class_offset(q_offset, st)
         classes = tile_classes(pr.parts, block_mask, d, q_cls, 2 * cfg.block_q, dq_bkv, kv_offset)
         dq_lists = kernel_tiles(classes, d.S % dq_bkv != 0)
-        classes_t = tile_classes(pr.parts, block_mask, d, q_cls, _BWD_BLOCK_Q, 2 * _BWD_BLOCK_KV, kv_offset)
+        classes_t = tile_classes(pr.parts, block_mask, d, q_cls, dkv_bq, 2 * _BWD_BLOCK_KV, kv_offset)
         dkv_lists = kernel_tiles(jnp.swapaxes(classes_t, 2, 3), False)
     common_static = dict(
         scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,
@@ -379,23 +390,33 @@ def _backward(
         )  # fmt: skip
 
     dq, *dq_leaf = launch(sm90_bwd.dq_kernel_call, dq_lists, pr.operands, block_q=cfg.block_q, block_kv=dq_bkv)
-    dk, dv, *dkv_leaf = launch(
-        sm90_bwd.dkv_kernel_call, dkv_lists, pr.operands + common.transposed_twins(pr.operands),
-        block_q=_BWD_BLOCK_Q, block_kv=_BWD_BLOCK_KV,
-    )  # fmt: skip
+    outs = {}
+    for part in parts:  # dK and dV together, or (wide heads) one launch each
+        if st.interpret:
+            # GPU interpret mode simulates one kernel at a time: launches that XLA
+            # could run concurrently may deadlock, so each waits for the one before.
+            arrays, _ = jax.lax.optimization_barrier((arrays, (dq, outs)))
+        outs[part] = launch(
+            sm90_bwd.dkv_kernel_call, dkv_lists, pr.operands + common.transposed_twins(pr.operands),
+            block_q=dkv_bq, block_kv=_BWD_BLOCK_KV, part=part,
+        )  # fmt: skip
+    if "both" in outs:
+        dk, dv, *dkv_leaf = outs["both"]
+    else:
+        (dk, *dkv_leaf), (dv,) = outs["dk"], outs["dv"]
     grads = {}
     if sites is not None:
-        visited = _visited(classes, (2 * cfg.block_q, dq_bkv), pr, d) if pr.sparse else None
+        visited = _visited(classes, (2 * cfg.block_q, dq_bkv), (pr.Tp, Sk), d) if pr.sparse else None
         grads = _leaf_gradients(score_mod, sites, records, dq_leaf, dkv_leaf, visited, pr, d)
     dq, dk, dv = _unpad(dq, d.T, d.D, st), _unpad(dk, d.S, d.D, st), _unpad(dv, d.S, d.Dv, st)
     return dq, dk, dv, grads
 
 
-def _visited(classes, block, pr: _Prepared, d):
-    """``[B, H, Tp, Sp]``: whether the dQ kernel visits each score (its tiles are ``block``)."""
+def _visited(classes, block, shape, d):
+    """``[B, H, *shape]``: whether the dQ kernel visits each score (its tiles are ``block``)."""
     visited = jnp.broadcast_to(classes != EMPTY, (d.B, d.H, *classes.shape[2:]))
-    visited = jnp.repeat(jnp.repeat(visited, block[0], axis=2), block[1], axis=3)[..., : pr.Sp]
-    return jnp.pad(visited, ((0, 0), (0, 0), (0, pr.Tp - visited.shape[2]), (0, pr.Sp - visited.shape[3])))
+    visited = jnp.repeat(jnp.repeat(visited, block[0], axis=2), block[1], axis=3)[..., : shape[0], : shape[1]]
+    return jnp.pad(visited, ((0, 0), (0, 0), (0, shape[0] - visited.shape[2]), (0, shape[1] - visited.shape[3])))
 
 
 def _leaf_gradients(score_mod, sites, records, dq_outs, dkv_outs, visited, pr: _Prepared, d):
@@ -483,8 +504,6 @@ _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 # :mod:`attnax.kernels._ring`): one block of a longer sequence, with absolute
 # ``q_offset``/``kv_offset``, and a backward that takes the global LSE.
 
-#: Ring attention asks before differentiating mod leaves through this kernel.
-differentiates_mod_leaves = True
 #: Mosaic GPU kernels keep the varying-axis types of their operands on their
 #: refs (jax 0.10), so loop carries inside them mismatch under ``check_vma``:
 #: ring attention runs its ``shard_map`` with ``check_vma=False`` for them.
@@ -530,7 +549,7 @@ def backward(q, k, v, extras, static, out, lse, dout, dlse=None, *, interpret: b
     st = _block_static(q, k, v, extras, static, interpret)
     smod, mmod, q_off = _block_mods(q, extras)
     leaves = [] if smod is None else jax.tree_util.tree_leaves(smod)
-    ids = tuple(i for i, x in enumerate(leaves) if _inexact(jnp.asarray(x)))
+    ids = tuple(i for i, x in enumerate(leaves) if _inexact(x))  # as diff_leaves picks them
     dq, dk, dv, grads = _backward(
         q, k, v, q_off, extras.kv_offset, smod, mmod, None, extras.seed, out, lse, dout, dlse, st, ids
     )

@@ -71,6 +71,7 @@ class BwdStatic:
     bshd: bool = False  # q, k, v, do and the gradients are [B, S, H, D] (lse, delta stay [B, H, S])
     mod_batch: int | None = None  # the user's batch size (vmap folds its axes into the batch); None: B
     leaf_sites: leaf_grads.LeafSites | None = None  # score-mod leaves to differentiate (None: none)
+    part: str = "both"  # dK/dV kernel: "both", or "dk" / "dv" alone (head dims above 128: registers)
 
 
 def _tail_mask(mask_fn, kv_idx, S):
@@ -172,7 +173,8 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
     B, H, Tp, D = bhsd_dims(q, st.bshd)
     _, Hk, Sp, Dv = bhsd_dims(v, st.bshd)
     bq, bkv, stages = st.block_q, st.block_kv, st.num_stages
-    nq, nk = Tp // (2 * bq), Sp // bkv
+    # Tiles past the last key hold only padding: a dense walk stops at the last one with a key.
+    nq, nk = Tp // (2 * bq), -(-st.S // bkv)
     dtype = q.dtype
     n_ops = len(mod_operands)
     lists = () if lists is None else lists
@@ -371,7 +373,10 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
     tile of ``2 * block_kv`` rows, over query tiles of ``block_q`` rows (the
     transposed view). Returns ``dk`` (times ``scale``) and ``dv``, ``[B, Hk, Sp, ·]``,
     then the cotangents of the leaf sites of kind ``kv`` (``[B, H, Sp]``
-    float32 each, summed over queries), in site order.
+    float32 each, summed over queries), in site order. With ``st.part`` "dk"
+    or "dv" it computes one of the two (one ``[block_kv, D]`` accumulator per
+    warpgroup: what fits the registers for head dims above 128); leaf sites
+    go with dK.
     """
     B, H, Tp, D = bhsd_dims(q, st.bshd)
     _, Hk, Sp, Dv = bhsd_dims(v, st.bshd)
@@ -382,16 +387,20 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
     n_ops = len(mod_operands)
     lists = () if lists is None else lists
     low = Lowering(st.interpret)
-    n_rows = len(st.leaf_sites.where(("kv",))) if st.leaf_sites else 0
+    want_dk, want_dv = st.part in ("both", "dk"), st.part in ("both", "dv")
+    n_rows = len(st.leaf_sites.where(("kv",))) if st.leaf_sites and want_dk else 0
+    n_grads = int(want_dk) + int(want_dv)
 
     def kernel(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qoff_ref = refs[:7]
         n_in = 7 + len(lists) + n_ops
         list_refs = refs[7 : 7 + len(lists)]
         op_refs = refs[7 + len(lists) : n_in]
-        dk_ref, dv_ref = refs[n_in : n_in + 2]
-        row_outs = refs[n_in + 2 : n_in + 2 + n_rows]
-        smems, kv_bars, ready, free = refs[n_in + 2 + n_rows :]
+        grad_refs = iter(refs[n_in : n_in + n_grads])
+        dk_ref = next(grad_refs) if want_dk else None
+        dv_ref = next(grad_refs) if want_dv else None
+        row_outs = refs[n_in + n_grads : n_in + n_grads + n_rows]
+        smems, kv_bars, ready, free = refs[n_in + n_grads + n_rows :]
         k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smems[:6]
         rows_smem = smems[6] if n_rows else None
         b = lax.axis_index("batch")
@@ -416,12 +425,16 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             kv_row0 = qoff_ref[B + b] + row0  # absolute position of the first key row
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
             plgpu.copy_gmem_to_smem(slab(k_ref, b, hk, rows, st.bshd), k_smem, kv_bars[0].at[wg])
-            plgpu.copy_gmem_to_smem(slab(v_ref, b, hk, rows, st.bshd), v_smem, kv_bars[1].at[wg])
+            if want_dk:  # dP^T = V dO^T; dV alone needs no V
+                plgpu.copy_gmem_to_smem(slab(v_ref, b, hk, rows, st.bshd), v_smem, kv_bars[1].at[wg])
             plgpu.barrier_wait(kv_bars[0].at[wg])
-            plgpu.barrier_wait(kv_bars[1].at[wg])
+            if want_dk:
+                plgpu.barrier_wait(kv_bars[1].at[wg])
             ctx_box = [None]
             transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0], b)
-            row_sites, _, leaves = _leaf_plan(st, (("kv",), ()), build_mods, op_refs, lambda: ctx_box[0], b)
+            row_sites, _, leaves = (), (), None
+            if want_dk:
+                row_sites, _, leaves = _leaf_plan(st, (("kv",), ()), build_mods, op_refs, lambda: ctx_box[0], b)
 
             def step_body(h, j, t, is_partial, dk_acc, dv_acc, rows):
                 slot = lax.rem(t, jnp.int32(stages))
@@ -430,12 +443,13 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                 for bar in ready:
                     plgpu.barrier_wait(bar.at[slot])
 
-                def tile(s_acc, dp_acc):
+                def tile(s_acc, dp_acc=None):
                     # S^T = K Q^T and dP^T = V dO^T go out together; the
                     # softmax of S overlaps dP, dP's use overlaps dV += P^T dO.
                     low.mma(s_acc, k_smem, low.T(q_slot))
-                    low.mma(dp_acc, v_smem, low.T(do_slot))
-                    s = low.read(s_acc, wait_n=1) * st.scale  # keys x queries
+                    if want_dk:
+                        low.mma(dp_acc, v_smem, low.T(do_slot))
+                    s = low.read(s_acc, wait_n=int(want_dk)) * st.scale  # keys x queries
                     kv_idx = kv_row0 + low.iota((bkv, bq), 0)
                     q_idx = q_start + low.iota((bkv, bq), 1)
                     ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
@@ -447,17 +461,22 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
                     p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
                     keep = tile_keep(keep_fn, b_mod, h, ctx) if st.dropout else None
-                    low.mma(dv_acc, _dropped(st, keep, p).astype(dtype), do_slot)
-                    dp = _dropped(st, keep, low.read(dp_acc, wait_n=1))
+                    if want_dv:
+                        low.mma(dv_acc, _dropped(st, keep, p).astype(dtype), do_slot)
+                    if not want_dk:
+                        low.wait(0)
+                        return rows
+                    dp = _dropped(st, keep, low.read(dp_acc, wait_n=int(want_dv)))
                     dt = _accumulate_ds(low, dk_acc, p, dp, delta_col, 1, vjp, q_slot)
                     return _leaf_rows(row_sites, derivs, dt, rows)
 
-                rows = low.accumulators(tile, (bkv, bq), (bkv, bq))
+                rows = low.accumulators(tile, *[(bkv, bq)] * (1 + int(want_dk)))
                 plgpu.barrier_arrive(free.at[slot])
                 return rows
 
-            def grads(dk_acc, dv_acc):
-                accs = (dk_acc, dv_acc)
+            def grads(*accs):
+                it = iter(accs)
+                dk_acc, dv_acc = next(it) if want_dk else None, next(it) if want_dv else None
 
                 def per_head(g, carry):
                     t, values = carry
@@ -465,7 +484,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     h, walk = head_walk(g)
                     rows0 = tuple(low.cast(jnp.zeros((bkv,), jnp.float32), WGMMA_ROW) for _ in row_sites)
                     t, rows = low.walk(
-                        accs, walk, lambda j, t, is_partial, rows: step_body(h, j, t, is_partial, *accs, rows),
+                        accs, walk, lambda j, t, is_partial, rows: step_body(h, j, t, is_partial, dk_acc, dv_acc, rows),
                         t0=t, carry=rows0,
                     )  # fmt: skip
                     if row_sites:  # this head's per-key leaf cotangents
@@ -479,14 +498,19 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
 
                 _, values = lax.fori_loop(0, G, per_head, (jnp.int32(0), low.values(accs)))
                 low.restore(accs, values)
-                return low.read(dk_acc), low.read(dv_acc)
+                return tuple(low.read(a) for a in accs)
 
-            dk, dv = low.accumulators(grads, (bkv, D), (bkv, Dv))
-            k_smem[...] = (dk * st.scale).astype(dtype)
-            v_smem[...] = dv.astype(dtype)
+            shapes = [(bkv, D)] * want_dk + [(bkv, Dv)] * want_dv
+            out = list(low.accumulators(grads, *shapes))
+            if want_dk:
+                k_smem[...] = (out.pop(0) * st.scale).astype(dtype)
+            if want_dv:
+                v_smem[...] = out.pop(0).astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem, slab(dk_ref, b, hk, rows, st.bshd))
-            plgpu.copy_smem_to_gmem(v_smem, slab(dv_ref, b, hk, rows, st.bshd))
+            if want_dk:
+                plgpu.copy_smem_to_gmem(k_smem, slab(dk_ref, b, hk, rows, st.bshd))
+            if want_dv:
+                plgpu.copy_smem_to_gmem(v_smem, slab(dv_ref, b, hk, rows, st.bshd))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -531,8 +555,8 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
     return plgpu.kernel(
         kernel,
         out_type=(
-            jax.ShapeDtypeStruct(layout_shape(B, Hk, Sp, D, st.bshd), dtype),
-            jax.ShapeDtypeStruct(layout_shape(B, Hk, Sp, Dv, st.bshd), dtype),
+            *[jax.ShapeDtypeStruct(layout_shape(B, Hk, Sp, D, st.bshd), dtype)] * want_dk,
+            *[jax.ShapeDtypeStruct(layout_shape(B, Hk, Sp, Dv, st.bshd), dtype)] * want_dv,
             *[jax.ShapeDtypeStruct((B, H, Sp), jnp.float32)] * n_rows,
         ),
         scratch_types=scratch,

@@ -49,10 +49,6 @@ class _Inner:
     options: tuple = ()
 
     @property
-    def differentiates_mod_leaves(self) -> bool:
-        return getattr(self.module, "differentiates_mod_leaves", True)
-
-    @property
     def traces_with_vma(self) -> bool:
         """False for kernels that fail on varying-axis types inside ``shard_map``."""
         return getattr(self.module, "traces_with_vma", True)
@@ -294,31 +290,6 @@ def _ring_bwd(st, res, cts):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-@jax.custom_jvp
-def _no_mod_gradients(leaves):
-    """Identity on a score mod's inexact leaves, for inner kernels that cannot differentiate them.
-
-    JAX calls a ``custom_jvp`` rule only when an input is perturbed, so this
-    raises exactly when someone differentiates the leaves, before anything runs.
-    """
-    return leaves
-
-
-@_no_mod_gradients.defjvp
-def _no_mod_gradients_jvp(primals, tangents):
-    raise NotImplementedError(
-        "ring attention's inner kernel (pallas) does not differentiate the array leaves of score mods "
-        "(a learnable bias, ALiBi slopes); pass inner='memory_efficient' for those gradients."
-    )
-
-
-def _guard_mod_leaves(score_mod, inner: _Inner):
-    if score_mod is None or inner.differentiates_mod_leaves:
-        return score_mod
-    leaves, rebuild = diff_leaves(score_mod)
-    return rebuild(_no_mod_gradients(leaves)) if leaves else score_mod
-
-
 def ring_attention(
     query,
     key,
@@ -443,7 +414,6 @@ def ring_attention(
         axis_name=axis_name if style == "shard_map" else seq_axis, layout=layout, inner=inner,
         scale=args.scale, dropout_rate=args.dropout_rate, block_q=config.block_q, block_kv=config.block_kv,
     )  # fmt: skip
-    score_mod = _guard_mod_leaves(score_mod, inner)
     local = LocalFn(lambda q, k, v, extras: _ring(q, k, v, extras, st), layout, check_vma=inner.traces_with_vma)
     if style == "shard_map":
         if not inner.traces_with_vma and varying_axes(query):
