@@ -2,11 +2,15 @@
 
 import os
 
-# 8 CPU devices for ring attention; must be set before JAX initialises a backend.
-os.environ.setdefault("XLA_FLAGS", "")
+# Must be set before JAX initialises a backend. GPU interpret mode runs each
+# simulated warpgroup as a host thread that blocks in barrier callbacks; XLA's
+# CPU intra-op thread pool (one thread per core: two in CI) can then starve
+# and the run deadlocks, so intra-op parallelism is off for the tests.
+if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_num_cpu_devices", 8)  # for ring attention
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

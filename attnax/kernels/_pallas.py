@@ -331,17 +331,19 @@ _BWD_DQ_BLOCK_KV = {False: 128, True: 64}  # by whether a score transform runs
 
 
 def _bwd_tiles(D: int, Dv: int, has_transform: bool):
-    """``(dQ key tile, dK/dV query tile, dK/dV parts)`` for the head dims.
+    """``(dQ key tile, ring stages, dK/dV parts)`` for the head dims.
 
-    Up to 128, one dK/dV kernel keeps both accumulators. Wider heads (to 256)
-    would need 2 x 128 registers per thread for them: dK and dV then run as
-    two launches of the same kernel, one accumulator each, and the streamed
-    tiles shrink to 32 rows so that K, V and the Q/dO ring fit the 227 KiB of
-    shared memory (dQ: 2 x 64 query rows of Q and dO, 2 x 32 keys of K and V).
+    Up to 128, one dK/dV kernel keeps both accumulators and the rings have
+    two stages. Wider heads (to 256) would need 2 x 128 registers per thread
+    for the two accumulators: dK and dV then run as two launches of the same
+    kernel, one accumulator each. Their tiles stay 64 rows (wgmma contracts
+    over multiples of 64), so the streamed ring has one stage: K, V (or the
+    dV staging buffer) and Q/dO then take 192 KiB of the 227 KiB of shared
+    memory, and the dQ kernel's 2 x 64 rows of Q and dO plus K and V as much.
     """
     if max(D, Dv) <= 128:
-        return _BWD_DQ_BLOCK_KV[has_transform], _BWD_BLOCK_Q, ("both",)
-    return 32, 32, ("dk", "dv")
+        return _BWD_DQ_BLOCK_KV[has_transform], _BWD_STAGES, ("both",)
+    return 64, 1, ("dk", "dv")
 
 
 def _backward(
@@ -367,18 +369,18 @@ def _backward(
     Sk = _round_up(pr.Sp, 2 * _BWD_BLOCK_KV)  # whole dK/dV CTAs
     kp, vp = pr.pad(k, Sk, d.D), pr.pad(v, Sk, d.Dv)
     dq_lists = dkv_lists = None
-    dq_bkv, dkv_bq, parts = _bwd_tiles(d.D, d.Dv, pr.has_transform)
+    dq_bkv, stages, parts = _bwd_tiles(d.D, d.Dv, pr.has_transform)
     if pr.sparse:
         q_cls = _class_offset(q_offset, st)
         classes = tile_classes(pr.parts, block_mask, d, q_cls, 2 * cfg.block_q, dq_bkv, kv_offset)
         dq_lists = kernel_tiles(classes, d.S % dq_bkv != 0)
-        classes_t = tile_classes(pr.parts, block_mask, d, q_cls, dkv_bq, 2 * _BWD_BLOCK_KV, kv_offset)
+        classes_t = tile_classes(pr.parts, block_mask, d, q_cls, _BWD_BLOCK_Q, 2 * _BWD_BLOCK_KV, kv_offset)
         dkv_lists = kernel_tiles(jnp.swapaxes(classes_t, 2, 3), False)
     common_static = dict(
         scale=st.scale, T=d.T, S=d.S, group=d.group, has_transform=pr.has_transform,
         unit_derivative=pr.has_transform and common.unit_score_derivative(score_mod),
         has_mask=pr.mask_fn is not None, sparse=pr.sparse, dropout=st.dropout_rate, interpret=st.interpret,
-        num_stages=_BWD_STAGES, bshd=st.bshd, mod_batch=d.B, leaf_sites=sites,
+        num_stages=stages, bshd=st.bshd, mod_batch=d.B, leaf_sites=sites,
     )  # fmt: skip
     arrays = (qp, kp, vp, dop, lse2, delta)
 
@@ -398,7 +400,7 @@ def _backward(
             arrays, _ = jax.lax.optimization_barrier((arrays, (dq, outs)))
         outs[part] = launch(
             sm90_bwd.dkv_kernel_call, dkv_lists, pr.operands + common.transposed_twins(pr.operands),
-            block_q=dkv_bq, block_kv=_BWD_BLOCK_KV, part=part,
+            block_q=_BWD_BLOCK_Q, block_kv=_BWD_BLOCK_KV, part=part,
         )  # fmt: skip
     if "both" in outs:
         dk, dv, *dkv_leaf = outs["both"]

@@ -49,6 +49,9 @@ _LOG2E = math.log2(math.e)
 # (2 x 128 x 240 + 128 x 24 <= 64K). Measured on H100 against (232, 40): fewer
 # spills in the compute warpgroups, backward 3-7% faster (causal, ALiBi, softcap).
 _REGISTERS = (240, 24)
+# Shared memory a kernel may plan for: the H100's 227 KiB, less what Mosaic GPU
+# adds (barriers, reduction scratch: about 5 KiB measured).
+_SMEM_BUDGET = 227 * 1024 - 8 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,9 +185,16 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
     sites = st.leaf_sites
     n_rows = len(sites.where(("scalar", "q"))) if sites else 0
     n_tiles = len(sites.where(("tile",))) if sites else 0
-    leaf_smem = 4 * (n_rows * 2 * bq + (2 * bq * bkv if n_tiles else 0))
+    unpaired = (2 * bq * (D + Dv) + stages * bkv * (D + Dv)) * jnp.dtype(dtype).itemsize + 4 * bq * 4
+    # Tile sites store their float32 cotangents through a [block_q, tile_cols]
+    # buffer per warpgroup: narrower than the key tile when wide heads leave
+    # too little shared memory (one store per column block).
+    tile_cols = bkv
+    while n_tiles and tile_cols > 16 and unpaired + 4 * 2 * bq * (n_rows + tile_cols) > _SMEM_BUDGET:
+        tile_cols //= 2
+    leaf_smem = 4 * 2 * bq * (n_rows + (tile_cols if n_tiles else 0))
     # Two query tiles per CTA when a separate dQ buffer fits (QueryTiles).
-    smem = (2 * bq * (2 * D + Dv) + stages * bkv * (D + Dv)) * jnp.dtype(dtype).itemsize + 4 * bq * 4 + leaf_smem
+    smem = unpaired + 2 * bq * D * jnp.dtype(dtype).itemsize + leaf_smem
     tiles = QueryTiles(nq, smem <= PAIRED_SMEM)
 
     def kernel(*refs):
@@ -288,11 +298,13 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                         plgpu.barrier_arrive(v_free.at[slot])
                         dt = _accumulate_ds(low, dq_acc, p, dp, delta_row, 0, vjp, k_slot)
                         for n, m in enumerate(tile_sites):  # one store per site and tile, each written once
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                            leaf_tile_smem.at[wg][...] = leaf_grads.cotangent(dt, derivs[m])
-                            plgpu.commit_smem()
-                            dst = tile_outs[n].at[b, h, pl.ds(row0, bq), pl.ds(j * bkv, bkv)]
-                            plgpu.copy_smem_to_gmem(leaf_tile_smem.at[wg], dst)
+                            ct = leaf_grads.cotangent(dt, derivs[m])
+                            for c in range(0, bkv, tile_cols):
+                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                                leaf_tile_smem.at[wg][...] = ct[:, c : c + tile_cols]
+                                plgpu.commit_smem()
+                                dst = tile_outs[n].at[b, h, pl.ds(row0, bq), pl.ds(j * bkv + c, tile_cols)]
+                                plgpu.copy_smem_to_gmem(leaf_tile_smem.at[wg], dst)
                         return _leaf_rows(row_sites, derivs, dt, rows)
 
                     rows = low.accumulators(tile, (bq, bkv), (bq, bkv))
@@ -341,7 +353,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
     if n_rows:
         smems += (plgpu.SMEM((n_rows, 2, bq), jnp.float32),)
     if n_tiles:
-        smems += (plgpu.SMEM((2, bq, bkv), jnp.float32),)
+        smems += (plgpu.SMEM((2, bq, tile_cols), jnp.float32),)
     scratch = [
         smems,
         (plgpu.Barrier(num_barriers=2),) * 4,
@@ -487,13 +499,8 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                         accs, walk, lambda j, t, is_partial, rows: step_body(h, j, t, is_partial, dk_acc, dv_acc, rows),
                         t0=t, carry=rows0,
                     )  # fmt: skip
-                    if row_sites:  # this head's per-key leaf cotangents
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for n, r in enumerate(rows):
-                            rows_smem.at[n, wg][...] = r
-                        plgpu.commit_smem()
-                        for n, o in enumerate(row_outs):
-                            plgpu.copy_smem_to_gmem(rows_smem.at[n, wg], o.at[b, h, rows_range])
+                    for n, r in enumerate(rows):  # this head's per-key leaf cotangents, stored at the end
+                        rows_smem.at[n, g, wg][...] = r
                     return t, low.values(accs)
 
                 _, values = lax.fori_loop(0, G, per_head, (jnp.int32(0), low.values(accs)))
@@ -511,6 +518,9 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                 plgpu.copy_smem_to_gmem(k_smem, slab(dk_ref, b, hk, rows, st.bshd))
             if want_dv:
                 plgpu.copy_smem_to_gmem(v_smem, slab(dv_ref, b, hk, rows, st.bshd))
+            for n, o in enumerate(row_outs):
+                for g in range(G):
+                    plgpu.copy_smem_to_gmem(rows_smem.at[n, g, wg], o.at[b, hk * G + g, rows_range])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -545,7 +555,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             plgpu.SMEM((stages, bq, Dv), dtype, **tiled),
             plgpu.SMEM((stages, bq), jnp.float32),
             plgpu.SMEM((stages, bq), jnp.float32),
-            *[plgpu.SMEM((n_rows, 2, bkv), jnp.float32)] * bool(n_rows),
+            *[plgpu.SMEM((n_rows, G, 2, bkv), jnp.float32)] * bool(n_rows),
         ),
         (plgpu.Barrier(num_barriers=2),) * 2,
         (plgpu.Barrier(num_barriers=stages),) * 4,
