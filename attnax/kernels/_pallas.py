@@ -424,7 +424,7 @@ def _visited(classes, block, shape, d):
 def _leaf_gradients(score_mod, sites, records, dq_outs, dkv_outs, visited, pr: _Prepared, d):
     """The leaf gradients from the backward kernels' site outputs (see :mod:`._pallas_mgpu_leaf_grads`)."""
     dq_outs, dkv_outs = iter(dq_outs), iter(dkv_outs)
-    rows, tiles = sites.where(("scalar", "q")), sites.where(("tile",))
+    rows, tiles = sites.where(leaf_grads.DQ_ROWS), sites.where(leaf_grads.DQ_TILES)
     values = []
     for m, kind in enumerate(sites.kinds):
         if m in rows:

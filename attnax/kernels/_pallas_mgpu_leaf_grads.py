@@ -43,9 +43,9 @@ from jax.extend import core as jex_core
 
 from attnax.kernels._pallas_mgpu_common import _LEAF_INDEX_ERROR, LoadTape
 
-#: Where each kind of site is reduced: the dQ kernel or the dK/dV kernel.
-DQ_KINDS = ("scalar", "q", "tile")
-DKV_KINDS = ("kv",)
+#: Where each kind of site is reduced: along the dQ kernel's query rows, tile by
+#: tile in the dQ kernel, along the dK/dV kernel's key rows.
+DQ_ROWS, DQ_TILES, DKV_ROWS = ("scalar", "q"), ("tile",), ("kv",)
 
 
 @jax.tree_util.register_static

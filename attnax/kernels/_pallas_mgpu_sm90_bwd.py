@@ -183,8 +183,8 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
     lists = () if lists is None else lists
     low = Lowering(st.interpret)
     sites = st.leaf_sites
-    n_rows = len(sites.where(("scalar", "q"))) if sites else 0
-    n_tiles = len(sites.where(("tile",))) if sites else 0
+    n_rows = len(sites.where(leaf_grads.DQ_ROWS)) if sites else 0
+    n_tiles = len(sites.where(leaf_grads.DQ_TILES)) if sites else 0
     unpaired = (2 * bq * (D + Dv) + stages * bkv * (D + Dv)) * jnp.dtype(dtype).itemsize + 4 * bq * 4
     # Tile sites store their float32 cotangents through a [block_q, tile_cols]
     # buffer per warpgroup: narrower than the key tile when wide heads leave
@@ -232,7 +232,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
             ctx_box = [None]
             transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0], b)
             row_sites, tile_sites, leaves = _leaf_plan(
-                st, (("scalar", "q"), ("tile",)), build_mods, op_refs, lambda: ctx_box[0], b
+                st, (leaf_grads.DQ_ROWS, leaf_grads.DQ_TILES), build_mods, op_refs, lambda: ctx_box[0], b
             )
 
             def load_rows(qi):
@@ -400,7 +400,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
     lists = () if lists is None else lists
     low = Lowering(st.interpret)
     want_dk, want_dv = st.part in ("both", "dk"), st.part in ("both", "dv")
-    n_rows = len(st.leaf_sites.where(("kv",))) if st.leaf_sites and want_dk else 0
+    n_rows = len(st.leaf_sites.where(leaf_grads.DKV_ROWS)) if st.leaf_sites and want_dk else 0
     n_grads = int(want_dk) + int(want_dv)
 
     def kernel(*refs):
@@ -446,7 +446,9 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0], b)
             row_sites, _, leaves = (), (), None
             if want_dk:
-                row_sites, _, leaves = _leaf_plan(st, (("kv",), ()), build_mods, op_refs, lambda: ctx_box[0], b)
+                row_sites, _, leaves = _leaf_plan(
+                    st, (leaf_grads.DKV_ROWS, ()), build_mods, op_refs, lambda: ctx_box[0], b
+                )
 
             def step_body(h, j, t, is_partial, dk_acc, dv_acc, rows):
                 slot = lax.rem(t, jnp.int32(stages))
