@@ -495,16 +495,32 @@ class _ProbeOperand:
         self._ctx, self._used = ctx, used
 
     def __getitem__(self, idx):
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        q_idx, kv_idx = self._ctx
-        positional = False
-        for d, i in enumerate(idx):
-            if i is q_idx or i is kv_idx:
-                self._used.add(d)
-                positional = True
-            elif jnp.ndim(i) != 0:
-                raise NotImplementedError(_LEAF_INDEX_ERROR)
-        return jnp.zeros(q_idx.shape if positional else (), self.dtype)
+        q_axis, kv_axis, _ = split_leaf_index(idx, self._ctx)
+        positional = {a for a in (q_axis, kv_axis) if a is not None}
+        self._used.update(positional)
+        return jnp.zeros(self._ctx[0].shape if positional else (), self.dtype)
+
+
+def split_leaf_index(idx, positions):
+    """A mod's index into a leaf, outside a kernel: ``(q axis, kv axis, {axis: scalar index})``.
+
+    ``positions`` is ``(q_idx, kv_idx)``; an axis indexed by neither must be
+    indexed by a scalar (else ``NotImplementedError``, as in the kernels).
+    """
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    q_idx, kv_idx = positions
+    q_axis = kv_axis = None
+    scalars = {}
+    for a, i in enumerate(idx):
+        if i is q_idx:
+            q_axis = a
+        elif i is kv_idx:
+            kv_axis = a
+        elif jnp.ndim(i) == 0:
+            scalars[a] = i
+        else:
+            raise NotImplementedError(_LEAF_INDEX_ERROR)
+    return q_axis, kv_axis, scalars
 
 
 def unit_score_derivative(score_mod) -> bool:

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 
-from attnax.kernels._pallas_mgpu_common import _LEAF_INDEX_ERROR, LoadTape
+from attnax.kernels._pallas_mgpu_common import LoadTape, split_leaf_index
 
 #: Where each kind of site is reduced: along the dQ kernel's query rows, tile by
 #: tile in the dQ kernel, along the dK/dV kernel's key rows.
@@ -90,23 +90,14 @@ class _SiteProbe:
 
     def __getitem__(self, idx):
         idx = idx if isinstance(idx, tuple) else (idx,)
-        q_idx, kv_idx = self._positions
+        q_idx = self._positions[0]
         if len(idx) != self.ndim:
             raise NotImplementedError(
                 f"inside a Pallas kernel a mod must index its array leaf of shape {self.shape} with "
                 f"{self.ndim} indices (scalars, q_idx or kv_idx); got {len(idx)}."
             )
-        q_axis = kv_axis = None
-        index = {}
-        for a, i in enumerate(idx):
-            if i is q_idx:
-                q_axis = a
-            elif i is kv_idx:
-                kv_axis = a
-            elif jnp.ndim(i) == 0:
-                index[a] = jnp.asarray(i, jnp.int32)
-            else:
-                raise NotImplementedError(_LEAF_INDEX_ERROR)
+        q_axis, kv_axis, scalars = split_leaf_index(idx, self._positions)
+        index = {a: jnp.asarray(i, jnp.int32) for a, i in scalars.items()}
         if q_axis is not None and kv_axis is not None and q_axis > kv_axis:
             raise NotImplementedError("index a 2-D leaf as [..., q_idx, ..., kv_idx] (query dimension first).")
         kind = {(False, False): "scalar", (True, False): "q", (False, True): "kv", (True, True): "tile"}[
