@@ -368,7 +368,7 @@ def test_leaf_gradients_without_masks():
 
 
 def _wide_heads_vs_oracle(B, H, Hk, T, S, D, interpret):
-    """Head dims above 128: dK and dV run as two launches, with 32-row streamed tiles."""
+    """Head dims above 128: dK and dV run as two launches, with one-stage rings of 64-row tiles."""
     rng = np.random.default_rng(D)
     bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)  # noqa: E731
     q, k, v, ct = bf16(B, H, T, D), bf16(B, Hk, S, D), bf16(B, Hk, S, D), bf16(B, H, T, D)
