@@ -356,18 +356,22 @@ def tile_keep(keep_fn, b, h, ctx: TileContext):
     return keep_fn(b, h, q_vec, ctx.kv_idx, lambda v: low.broadcast(v, ctx.shape, ctx.q_axis))
 
 
-def online_softmax(s, m_i, l_i, acc):
+def online_softmax(s, m_i, l_i, acc, scale: float = 1.0):
     """One score tile of the online softmax, in base 2: ``(p, m_new, l_new, acc rescaled)``.
 
-    ``s`` holds natural-log scores ``[rows, keys]``; ``m_i`` the running row
-    maxima in base 2, ``l_i`` the running row sums, ``acc`` the ``[rows, dv]``
-    accumulator, rescaled here to the new maxima.
+    ``s * scale`` holds natural-log scores ``[rows, keys]`` (``scale > 0``: a
+    kernel without score transforms passes the raw ``Q K^T`` tile and its
+    softmax scale, which then costs no multiply of its own: it folds into the
+    exponent's single multiply-add); ``m_i`` the running row maxima in base 2,
+    ``l_i`` the running row sums, ``acc`` the ``[rows, dv]`` accumulator,
+    rescaled here to the new maxima.
     """
-    m_new = jnp.maximum(m_i, s.max(axis=1) * _LOG2E)
+    c = scale * _LOG2E
+    m_new = jnp.maximum(m_i, s.max(axis=1) * c)
     # A row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, never NaN.
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp2(m_i - m_use)
-    p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(m_use, s.shape, [0]))
+    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_use, s.shape, [0]))
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
     return p, m_new, l_i * alpha + p.sum(axis=1), acc
 

@@ -174,7 +174,8 @@ def forward_kernel_call(
                     plgpu.barrier_wait(k_bar.at[slot])
                     s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv), during=sched_sync)
                     plgpu.barrier_arrive(k_free.at[slot])
-                    s = s * st.scale
+                    if st.has_transform:  # the mods see scaled scores; else the scale folds into exp2
+                        s = s * st.scale
                     if st.has_transform or need_mask or st.dropout:
                         kv_start = kv_off + j * bkv
                         q_idx = q_start + low.iota((bq, bkv), 0)
@@ -193,7 +194,7 @@ def forward_kernel_call(
 
                             # Full tiles skip the mask altogether.
                             s = lax.cond(is_partial, apply_mask, lambda s: s, s)
-                    p, m_new, l_i, acc = online_softmax(s, m_i, l_i, acc)
+                    p, m_new, l_i, acc = online_softmax(s, m_i, l_i, acc, 1.0 if st.has_transform else st.scale)
                     if st.dropout:
                         # The normaliser keeps every weight; P V only the kept ones
                         # (scaled by 1 / (1 - rate) once, at the end).

@@ -77,6 +77,21 @@ class BwdStatic:
     part: str = "both"  # dK/dV kernel: "both", or "dk" / "dv" alone (head dims above 128: registers)
 
 
+def _folds_scale(st: BwdStatic) -> bool:
+    """Whether the softmax scale folds into the exponent (no score transform sees the scaled scores)."""
+    return not st.has_transform and st.leaf_sites is None
+
+
+def _scaled(st: BwdStatic, s):
+    """The raw ``Q K^T`` tile as the mods and the exponent take it: times the scale unless it folds."""
+    return s if _folds_scale(st) else s * st.scale
+
+
+def _exp2_coef(st: BwdStatic) -> float:
+    """The factor taking a tile from :func:`_scaled` to base-2 log-probabilities (before the row's LSE)."""
+    return _LOG2E * st.scale if _folds_scale(st) else _LOG2E
+
+
 def _tail_mask(mask_fn, kv_idx, S):
     """The mask of partial tiles: the mods' mask, and the key bound on a ragged end."""
     if S is None:
@@ -283,7 +298,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                         low.mma(s_acc, q_smem, low.T(k_slot))
                         plgpu.barrier_wait(v_bar.at[slot])
                         low.mma(dp_acc, do_smem, low.T(v_slot))
-                        s = low.read(s_acc, wait_n=1) * st.scale
+                        s = _scaled(st, low.read(s_acc, wait_n=1))
                         q_idx = q_start + low.iota((bq, bkv), 0)
                         kv_idx = kv_start + low.iota((bq, bkv), 1)
                         ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
@@ -292,7 +307,7 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                             s, transform, st.unit_derivative, mask, need_mask, is_partial,
                             b_mod, h, q_idx, kv_idx, ctx_box, ctx, leaves,
                         )  # fmt: skip
-                        p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_row, s.shape, [0]))
+                        p = jnp.exp2(s * _exp2_coef(st) - lax.broadcast_in_dim(lse_row, s.shape, [0]))
                         keep = tile_keep(keep_fn, b_mod, h, ctx) if st.dropout else None
                         dp = _dropped(st, keep, low.read(dp_acc, wait_n=0))
                         plgpu.barrier_arrive(v_free.at[slot])
@@ -463,7 +478,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     low.mma(s_acc, k_smem, low.T(q_slot))
                     if want_dk:
                         low.mma(dp_acc, v_smem, low.T(do_slot))
-                    s = low.read(s_acc, wait_n=int(want_dk)) * st.scale  # keys x queries
+                    s = _scaled(st, low.read(s_acc, wait_n=int(want_dk)))  # keys x queries
                     kv_idx = kv_row0 + low.iota((bkv, bq), 0)
                     q_idx = q_start + low.iota((bkv, bq), 1)
                     ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
@@ -473,7 +488,7 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     )  # fmt: skip
                     lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                     delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
-                    p = jnp.exp2(s * _LOG2E - lax.broadcast_in_dim(lse_col, s.shape, [1]))
+                    p = jnp.exp2(s * _exp2_coef(st) - lax.broadcast_in_dim(lse_col, s.shape, [1]))
                     keep = tile_keep(keep_fn, b_mod, h, ctx) if st.dropout else None
                     if want_dv:
                         low.mma(dv_acc, _dropped(st, keep, p).astype(dtype), do_slot)
