@@ -168,6 +168,60 @@ def test_long_unmasked_d64_uses_256_key_tiles():
         np.testing.assert_allclose(np.asarray(a, np.float64), b, atol=5e-2)
 
 
+def _check_pipelined_forward(interpret: bool, shape):
+    """Walks without masked tiles take the pipelined forward (P V of a tile in flight during the next softmax)."""
+    B, H, Hk, T, S, D = shape
+    q, k, v = random_qkv(11, B, H, Hk, T, S, D, dtype=jnp.bfloat16)
+    drop = {"dropout_rate": 0.25, "dropout_rng": jax.random.key(5), "deterministic": False}
+    cases = {
+        "plain": {},
+        "softcap": {"score_mod": softcap_mod(3.0)},
+        "alibi": {"score_mod": alibi_mod(H)},
+        "scale_and_dropout": {"scale": 0.3, **drop},
+    }
+    for name, kw in cases.items():
+        f = lambda q, k, v, kw=kw: pallas_flash_attention(q, k, v, interpret=interpret, return_lse=True, **kw)  # noqa: E731
+        (out, lse), vjp = jax.vjp(f, q, k, v)
+        (ref, ref_lse), rvjp = jax.vjp(
+            lambda q, k, v, kw=kw: attention_reference(q, k, v, return_lse=True, **kw), *to64(q, k, v)
+        )
+        np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2, err_msg=name)
+        np.testing.assert_allclose(np.asarray(lse, np.float64), ref_lse, atol=2e-2, err_msg=name)
+        ct = jnp.asarray(np.random.default_rng(12).standard_normal(out.shape), jnp.bfloat16)
+        zero = jnp.zeros_like(lse)
+        for g, r, n in zip(vjp((ct, zero)), rvjp((to64(ct), to64(zero))), "qkv"):
+            np.testing.assert_allclose(np.asarray(g, np.float64), r, atol=6e-2, err_msg=f"{name} d{n}")
+
+
+def test_pipelined_forward_without_masked_tiles():
+    """Key length a multiple of the tile, no mask: the pipelined forward, with a transform, ALiBi and dropout."""
+    _check_pipelined_forward(True, (1, 4, 2, 70, 384, 32))
+
+
+@pytest.mark.gpu
+def test_pipelined_forward_without_masked_tiles_compiled():
+    _check_pipelined_forward(False, (2, 4, 2, 300, 1024, 128))
+
+
+def test_block_sparse_mask_without_mask_mod_skips_empty_tiles():
+    """A BlockMask of full and empty tiles only (mask_mod None): the walk jumps over empty tiles in its range."""
+    import dataclasses
+
+    T, S = 200, 640
+    q, k, v = random_qkv(13, 1, 2, 1, T, S, 32, dtype=jnp.bfloat16)
+
+    def every_other(b, h, q_idx, kv_idx):  # key tiles 0, 2, 4 (and query rows see all of them)
+        return (kv_idx // 128) % 2 == 0
+
+    bm = dataclasses.replace(create_block_mask(every_other, None, None, T, S, block_size=(128, 128)), mask_mod=None)
+    hidden = (jnp.arange(S) // 128) % 2 == 1
+    k = jnp.where(hidden[:, None], jnp.nan, k)  # empty tiles are never read
+    v = jnp.where(hidden[:, None], jnp.nan, v)
+    out = pallas_flash_attention(q, k, v, block_mask=bm, interpret=True)
+    ref = attention_reference(*to64(q, jnp.nan_to_num(k), jnp.nan_to_num(v)), mask_mod=every_other)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2)
+
+
 def test_unit_score_derivative_detects_additive_mods():
     """Additive mods skip the per-tile JVP in the backward; others keep it."""
     from attnax.kernels import additive_bias_mod, alibi_mod, compose_score_mods, softcap_mod

@@ -37,8 +37,8 @@ from attnax.kernels._pallas_mgpu_common import (
     drain_ring,
     layout_shape,
     mod_batch_index,
-    online_softmax,
     slab,
+    softmax_step,
     tile_keep,
     wait_slot_free,
 )
@@ -109,6 +109,13 @@ def forward_kernel_call(
     smem = (2 * bq * (D + Dv) + stages * bkv * (D + Dv)) * jnp.dtype(dtype).itemsize + 2 * bq * 4
     tiles = QueryTiles(nq, smem <= PAIRED_SMEM and not st.has_transform and not n_ops)
     paired = tiles.paired
+    # The pipelined walk (see pipelined_walk) keeps a score tile, two
+    # probability tiles and the output accumulator in registers at once: up to
+    # 128 keys and 128 value columns. It serves walks without masked tiles:
+    # measured on H100 (D=128, bf16), it made the unmasked forward 8-10% faster
+    # but causal ones 5-15% slower, the partial tiles' mask branch sitting
+    # inside the in-flight P V; a branch-free mask on every tile was slower still.
+    pipelined = bkv <= 128 and Dv <= 128 and not (st.has_mask or st.mask_tail)
 
     def kernel(*refs):
         q_ref, k_ref, v_ref, qoff_ref = refs[:4]
@@ -116,7 +123,7 @@ def forward_kernel_call(
         op_refs = refs[4 + len(lists) : 4 + len(lists) + n_ops]
         out_ref, lse_ref = refs[4 + len(lists) + n_ops : 6 + len(lists) + n_ops]
         scratch = refs[6 + len(lists) + n_ops :]
-        smems, (k_bar, v_bar, q_bar), (k_free, v_free), sched = scratch
+        smems, (k_bar, v_bar, q_bar), (k_free, v_free), sched, turn = scratch
         q_smem2, k_smem, v_smem, lse_smem2 = smems[:4]
         o_smem2 = smems[4] if paired else None
 
@@ -158,14 +165,8 @@ def forward_kernel_call(
 
             load_q(item_qi(0))
 
-            def item(i, t):
-                qi = item_qi(i)
-                q_row0 = qi * (2 * bq) + wg * bq
-                q_start = qoff_ref[b] + q_row0
-                plgpu.barrier_wait(q_bar.at[wg])
-                m_i = low.cast(jnp.full((bq,), -jnp.inf, jnp.float32), WGMMA_ROW)
-                l_i = low.cast(jnp.zeros((bq,), jnp.float32), WGMMA_ROW)
-                acc = low.cast(jnp.zeros((bq, Dv), jnp.float32), WGMMA)
+            def serial_walk(qi, t, scores, probs, m_i, l_i):
+                """Each tile's ``P V`` right after its softmax (score tiles too wide to pipeline)."""
                 pl.when(wg == 1)(sched_sync)
 
                 def step_body(j, t, is_partial, carry):
@@ -174,6 +175,117 @@ def forward_kernel_call(
                     plgpu.barrier_wait(k_bar.at[slot])
                     s = low.matmul_nt(q_smem, k_smem.at[slot], (bq, bkv), during=sched_sync)
                     plgpu.barrier_arrive(k_free.at[slot])
+                    p16, m_new, l_i, alpha = probs(*scores(j, is_partial, s), m_i, l_i)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                    plgpu.barrier_arrive(sched)
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_wait(sched)
+                    acc = low.matmul_acc(acc, p16, v_smem.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m_new, l_i
+
+                acc = low.cast(jnp.zeros((bq, Dv), jnp.float32), WGMMA)
+                t, (acc, m_i, l_i) = tile_walk(qi).consume(step_body, (acc, m_i, l_i), t0=t)
+                pl.when(wg == 0)(sched_sync)
+                return t, acc, m_i, l_i
+
+            def pipelined_walk(qi, t0, scores, probs, m0, l0):
+                """Tile ``j``'s ``Q K^T`` and tile ``j-1``'s ``P V`` go out together; the
+                softmax of tile ``j`` runs while ``P V`` computes (FlashAttention-3's
+                intra-warpgroup overlap). The two warpgroups take turns issuing.
+                """
+
+                def my_turn():
+                    plgpu.barrier_wait(turn.at[wg])
+
+                def your_turn():
+                    plgpu.barrier_arrive(turn.at[1 - wg])
+
+                def with_o(o_acc):
+                    accs = (o_acc,)  # interpreted, its value travels in the loop carry
+
+                    def add_pv(p16, alpha, slot):  # o = o * alpha + p @ v (issued, not awaited)
+                        o = low.read(o_acc, wait_n=None)  # no matmul in flight writes o
+                        low.store(o_acc, o * lax.broadcast_in_dim(alpha, o.shape, [0]))
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        low.mma(o_acc, p16, v_smem.at[slot])
+
+                    def first(j, t, is_partial, carry):
+                        slot = lax.rem(t, jnp.int32(stages))
+                        plgpu.barrier_wait(k_bar.at[slot])
+
+                        def tile(s_acc):
+                            my_turn()
+                            low.mma(s_acc, q_smem, low.T(k_smem.at[slot]))
+                            your_turn()
+                            s = low.read(s_acc)
+                            plgpu.barrier_arrive(k_free.at[slot])
+                            return probs(*scores(j, is_partial, s), m0, l0)
+
+                        return (carry[0], *low.accumulators(tile, (bq, bkv)))
+
+                    def step(j, t, is_partial, carry):
+                        values, p_prev, m_i, l_i, alpha = carry
+                        low.restore(accs, values)
+                        slot = lax.rem(t, jnp.int32(stages))
+                        prev = lax.rem(t - 1, jnp.int32(stages))
+                        plgpu.barrier_wait(k_bar.at[slot])
+
+                        def tile(s_acc):
+                            my_turn()
+                            low.mma(s_acc, q_smem, low.T(k_smem.at[slot]))
+                            add_pv(p_prev, alpha, prev)
+                            your_turn()
+                            s = low.read(s_acc, wait_n=1)  # Q K^T done, P V in flight
+                            plgpu.barrier_arrive(k_free.at[slot])
+                            out = probs(*scores(j, is_partial, s), m_i, l_i)
+                            low.wait(0)
+                            plgpu.barrier_arrive(v_free.at[prev])
+                            return out
+
+                        out = low.accumulators(tile, (bq, bkv))
+                        return (low.values(accs), *out)
+
+                    pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))  # warpgroup 0 goes first
+                    carry = (
+                        low.values(accs),
+                        low.cast(jnp.zeros((bq, bkv), dtype), WGMMA),
+                        m0,
+                        l0,
+                        low.cast(jnp.ones((bq,), jnp.float32), WGMMA_ROW),
+                    )
+                    t, carry, visited = tile_walk(qi).consume_peeled(first, step, carry, t0)
+                    values, p16, m_i, l_i, alpha = carry
+
+                    def last_pv(values):
+                        low.restore(accs, values)
+                        prev = lax.rem(t - 1, jnp.int32(stages))
+                        my_turn()
+                        add_pv(p16, alpha, prev)
+                        your_turn()
+                        low.wait(0)
+                        plgpu.barrier_arrive(v_free.at[prev])
+                        return low.values(accs)
+
+                    values = lax.cond(visited, last_pv, lambda v: v, values) if st.sparse else last_pv(values)
+                    low.restore(accs, values)
+                    pl.when(wg == 0)(my_turn)  # warpgroup 1's last hand-over
+                    return t, low.read(o_acc), m_i, l_i
+
+                return low.accumulators(with_o, (bq, Dv))
+
+            def item(i, t):
+                qi = item_qi(i)
+                q_row0 = qi * (2 * bq) + wg * bq
+                q_start = qoff_ref[b] + q_row0
+                plgpu.barrier_wait(q_bar.at[wg])
+                m_i = low.cast(jnp.full((bq,), -jnp.inf, jnp.float32), WGMMA_ROW)
+                l_i = low.cast(jnp.zeros((bq,), jnp.float32), WGMMA_ROW)
+
+                def scores(j, is_partial, s):
+                    """The raw ``Q K^T`` tile through the mods and the mask: ``(s, tile context)``."""
+                    ctx = None
                     if st.has_transform:  # the mods see scaled scores; else the scale folds into exp2
                         s = s * st.scale
                     if st.has_transform or need_mask or st.dropout:
@@ -194,22 +306,21 @@ def forward_kernel_call(
 
                             # Full tiles skip the mask altogether.
                             s = lax.cond(is_partial, apply_mask, lambda s: s, s)
-                    p, m_new, l_i, acc = online_softmax(s, m_i, l_i, acc, 1.0 if st.has_transform else st.scale)
+                    return s, ctx
+
+                def probs(s, ctx, m_i, l_i):
+                    """``(p, m_new, l_new, alpha)`` of a score tile, ``p`` in the input dtype."""
+                    p, m_new, l_new, alpha = softmax_step(s, m_i, l_i, 1.0 if st.has_transform else st.scale)
                     if st.dropout:
                         # The normaliser keeps every weight; P V only the kept ones
                         # (scaled by 1 / (1 - rate) once, at the end).
                         p = jnp.where(tile_keep(keep_fn, b_mod, h, ctx), p, 0.0)
-                    p16 = p.astype(dtype)
-                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                    plgpu.barrier_arrive(sched)
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    plgpu.barrier_wait(sched)
-                    acc = low.matmul_acc(acc, p16, v_smem.at[slot])
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m_new, l_i
+                    return p.astype(dtype), m_new, l_new, alpha
 
-                t, (acc, m_i, l_i) = tile_walk(qi).consume(step_body, (acc, m_i, l_i), t0=t)
-                pl.when(wg == 0)(sched_sync)
+                if pipelined:
+                    t, acc, m_i, l_i = pipelined_walk(qi, t, scores, probs, m_i, l_i)
+                else:
+                    t, acc, m_i, l_i = serial_walk(qi, t, scores, probs, m_i, l_i)
                 if paired:  # Q is free: the next tile's loads during this epilogue
                     pl.when(i + 1 < n_items)(lambda: load_q(item_qi(i + 1)))
 
@@ -234,8 +345,10 @@ def forward_kernel_call(
             def fetch(j, t):
                 rows = pl.ds(j * bkv, bkv)
                 slot = lax.rem(t, jnp.int32(stages))
-                wait_slot_free((k_free, v_free), t, stages)
+                # K and V slots free separately: the pipelined walk holds V a tile longer.
+                wait_slot_free((k_free,), t, stages)
                 plgpu.copy_gmem_to_smem(slab(k_ref, b, hk, rows, st.bshd), k_smem.at[slot], k_bar.at[slot])
+                wait_slot_free((v_free,), t, stages)
                 plgpu.copy_gmem_to_smem(slab(v_ref, b, hk, rows, st.bshd), v_smem.at[slot], v_bar.at[slot])
 
             t_end = lax.fori_loop(0, n_items, lambda i, t: tile_walk(item_qi(i)).produce(fetch, t0=t), jnp.int32(0))
@@ -264,6 +377,7 @@ def forward_kernel_call(
             barriers,
             free,
             plgpu.Barrier(num_arrivals=2),
+            plgpu.Barrier(num_barriers=2),
             collective_axes="wg",
         )
 
