@@ -166,7 +166,7 @@ def forward_kernel_call(
             load_q(item_qi(0))
 
             def serial_walk(qi, t, scores, probs, m_i, l_i):
-                """Each tile's ``P V`` right after its softmax (score tiles too wide to pipeline)."""
+                """Each tile's ``P V`` right after its softmax (walks with masked tiles; tiles too wide to pipeline)."""
                 pl.when(wg == 1)(sched_sync)
 
                 def step_body(j, t, is_partial, carry):
