@@ -187,6 +187,8 @@ def _check_pipelined_forward(interpret: bool, shape):
         )
         np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2, err_msg=name)
         np.testing.assert_allclose(np.asarray(lse, np.float64), ref_lse, atol=2e-2, err_msg=name)
+        if interpret and name != "plain":  # the backward kernels are the serial ones; in CI, one check of them
+            continue
         ct = jnp.asarray(np.random.default_rng(12).standard_normal(out.shape), jnp.bfloat16)
         zero = jnp.zeros_like(lse)
         for g, r, n in zip(vjp((ct, zero)), rvjp((to64(ct), to64(zero))), "qkv"):
