@@ -364,25 +364,23 @@ def tile_keep(keep_fn, b, h, ctx: TileContext):
     return keep_fn(b, h, q_vec, ctx.kv_idx, lambda v: low.broadcast(v, ctx.shape, ctx.q_axis))
 
 
-def online_softmax(s, m_i, l_i, acc, scale: float = 1.0):
-    """One score tile of the online softmax, in base 2: ``(p, m_new, l_new, acc rescaled)``.
+def online_softmax(s, m_i, l_i, acc):
+    """:func:`softmax_step` of natural-log scores ``s`` that also rescales the
+    ``[rows, dv]`` accumulator ``acc``: ``(p, m_new, l_new, acc rescaled)``."""
+    p, m_new, l_new, alpha = softmax_step(s, m_i, l_i)
+    return p, m_new, l_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+
+def softmax_step(s, m_i, l_i, scale: float = 1.0):
+    """One score tile of the online softmax, in base 2: ``(p, m_new, l_new, alpha)``.
 
     ``s * scale`` holds natural-log scores ``[rows, keys]`` (``scale > 0``: a
     kernel without score transforms passes the raw ``Q K^T`` tile and its
     softmax scale, which then costs no multiply of its own: it folds into the
     exponent's single multiply-add); ``m_i`` the running row maxima in base 2,
-    ``l_i`` the running row sums, ``acc`` the ``[rows, dv]`` accumulator,
-    rescaled here to the new maxima.
-    """
-    p, m_new, l_new, alpha = softmax_step(s, m_i, l_i, scale)
-    return p, m_new, l_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-
-def softmax_step(s, m_i, l_i, scale: float = 1.0):
-    """:func:`online_softmax` without the accumulator: ``(p, m_new, l_new, alpha)``.
-
-    The caller rescales its accumulator by ``alpha`` (the row factors taking
-    sums relative to the old maxima to the new ones) before adding ``p @ v``.
+    ``l_i`` the running row sums. The caller rescales its accumulator by
+    ``alpha`` (the row factors taking sums relative to the old maxima to the
+    new ones) before adding ``p @ v``.
     """
     c = scale * _LOG2E
     m_new = jnp.maximum(m_i, s.max(axis=1) * c)

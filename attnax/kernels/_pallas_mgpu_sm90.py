@@ -113,7 +113,7 @@ def forward_kernel_call(
     # probability tiles and the output accumulator in registers at once: up to
     # 128 keys and 128 value columns. It serves walks without masked tiles:
     # measured on H100 (D=128, bf16), it made the unmasked forward 8-10% faster
-    # but causal ones 5-15% slower, the partial tiles' mask branch sitting
+    # but causal ones 1-15% slower, the partial tiles' mask branch sitting
     # inside the in-flight P V; a branch-free mask on every tile was slower still.
     pipelined = bkv <= 128 and Dv <= 128 and not (st.has_mask or st.mask_tail)
 
