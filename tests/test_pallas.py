@@ -169,7 +169,7 @@ def test_long_unmasked_d64_uses_256_key_tiles():
 
 
 def _check_pipelined_forward(interpret: bool, shape):
-    """Walks without masked tiles take the pipelined forward (P V of a tile in flight during the next softmax)."""
+    """The pipelined forward (P V of a tile in flight during the next softmax), with and without masked tiles."""
     B, H, Hk, T, S, D = shape
     q, k, v = random_qkv(11, B, H, Hk, T, S, D, dtype=jnp.bfloat16)
     drop = {"dropout_rate": 0.25, "dropout_rng": jax.random.key(5), "deterministic": False}
@@ -178,6 +178,9 @@ def _check_pipelined_forward(interpret: bool, shape):
         "softcap": {"score_mod": softcap_mod(3.0)},
         "alibi": {"score_mod": alibi_mod(H)},
         "scale_and_dropout": {"scale": 0.3, **drop},
+        # masked walks: full tiles first (positions searched for the transform), partial ones last
+        "causal_alibi": {"score_mod": compose_score_mods(causal_mod(), alibi_mod(H)), "q_offset": 200},
+        "window": {"score_mod": sliding_window_mod(300), "q_offset": 300},
     }
     for name, kw in cases.items():
         f = lambda q, k, v, kw=kw: pallas_flash_attention(q, k, v, interpret=interpret, return_lse=True, **kw)  # noqa: E731
@@ -195,13 +198,16 @@ def _check_pipelined_forward(interpret: bool, shape):
             np.testing.assert_allclose(np.asarray(g, np.float64), r, atol=6e-2, err_msg=f"{name} d{n}")
 
 
-def test_pipelined_forward_without_masked_tiles():
-    """Key length a multiple of the tile, no mask: the pipelined forward, with a transform, ALiBi and dropout."""
-    _check_pipelined_forward(True, (1, 4, 2, 70, 384, 32))
+def test_pipelined_forward():
+    """The pipelined forward with a transform, ALiBi, dropout, and masks (full tiles first, partial ones last).
+
+    D=128: masked walks with at most 64 value columns take the serial walk.
+    """
+    _check_pipelined_forward(True, (1, 2, 1, 70, 384, 128))
 
 
 @pytest.mark.gpu
-def test_pipelined_forward_without_masked_tiles_compiled():
+def test_pipelined_forward_compiled():
     _check_pipelined_forward(False, (2, 4, 2, 300, 1024, 128))
 
 

@@ -178,8 +178,10 @@ def kernel_tiles(classes, ragged_last: bool):
     """What the kernels read: int32 tile classes and each row's non-empty range.
 
     Returns ``(classes, bounds)``: classes ``[..., n]`` (0 empty, 1 partial,
-    2 full) and ``bounds [..., 3]``: the ``[lo, hi)`` range of non-empty tiles
-    (kernels loop over it and skip empty tiles inside) and how many there are. With ``ragged_last``
+    2 full) and ``bounds [..., 6]``: the ``[lo, hi)`` range of non-empty tiles
+    (kernels loop over it and skip empty tiles inside), how many there are,
+    how many of them are full, and the first full and first partial tile (``n``
+    when there is none; walks that take full tiles first start there). With ``ragged_last``
     the last column holds the ragged end of the sequence and always counts as
     partial, so the kernel applies the bound there. Only elementwise ops and
     reductions: no sort, scan or scatter on the hot path.
@@ -194,7 +196,11 @@ def kernel_tiles(classes, ragged_last: bool):
     lo = jnp.min(jnp.where(nonempty, idx, n), axis=-1)
     hi = jnp.max(jnp.where(nonempty, idx + 1, 0), axis=-1)
     count = jnp.sum(nonempty, axis=-1, dtype=jnp.int32)
-    return classes, jnp.stack([lo, jnp.maximum(hi, lo), count], axis=-1)
+    full = classes == FULL
+    n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)
+    first_full = jnp.min(jnp.where(full, idx, n), axis=-1)
+    first_partial = jnp.min(jnp.where(classes == PARTIAL, idx, n), axis=-1)
+    return classes, jnp.stack([lo, jnp.maximum(hi, lo), count, n_full, first_full, first_partial], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -444,8 +444,15 @@ class TileWalk:
             self.lo = bounds_ref[(*self._row, 0)]
             self.hi = bounds_ref[(*self._row, 1)]
             self.count = bounds_ref[(*self._row, 2)]
+            self.n_full = bounds_ref[(*self._row, 3)]
+            self.first_full = bounds_ref[(*self._row, 4)]
+            self.first_partial = bounds_ref[(*self._row, 5)]
         else:
             self.lo, self.hi = jnp.int32(0), jnp.int32(n_tiles)
+            self.count = jnp.int32(n_tiles)
+            self.n_full = jnp.int32(n_tiles - 1 if ragged_last else n_tiles)
+            self.first_full = jnp.int32(0 if n_tiles > int(ragged_last) else n_tiles)
+            self.first_partial = jnp.int32(n_tiles - 1 if ragged_last else n_tiles)
         self._n, self._ragged = n_tiles, ragged_last
 
     def tile_class(self, j):
@@ -470,38 +477,72 @@ class TileWalk:
 
         return lax.fori_loop(self.lo, self.hi, step, (jnp.int32(0) if t0 is None else t0, carry))
 
-    def consume_peeled(self, first, body, carry, t0):
-        """:meth:`consume` with the first visited tile taken by ``first(j, t,
-        is_partial, carry) -> carry`` (``carry`` returned as is when nothing is
-        visited), for software pipelines whose first stage differs. Returns
-        ``(visits_end, carry, visited_any)``.
+    def _next(self, j, cls):
+        """The first tile at or after ``j`` of class ``cls`` (the caller knows one exists)."""
+        if not self.sparse:  # full tiles are a prefix, the partial one the last
+            return j
+        return lax.while_loop(lambda j: self.tile_class(j) != cls, lambda j: j + 1, j)
 
-        Sparse walks loop over the visited tiles alone, each found by a scalar
-        search past the empty ones, so that no branch encloses ``body`` (a
-        pipeline's in-flight matmuls): measured on H100, a branch per tile
-        around the pipelined forward's body cost 30% on causal masks. (The
-        serial kernels keep :meth:`consume`: the search was not faster there.)
+    def consume_full_first(self, first, body, carry, t0, full_positions: bool = True):
+        """The visited tiles for a software pipeline: the full tiles first, then
+        the partial ones (each class in ascending order; the online softmax does
+        not depend on the order). Pairs with :meth:`produce_full_first`.
+
+        ``first(j, t, is_partial, carry) -> carry`` takes the first visited tile
+        (a pipeline's first stage differs; ``carry`` is returned as is when
+        nothing is visited), ``body(j, t, is_partial, carry) -> carry`` the
+        others. ``is_partial`` is a Python bool: each class gets its own code
+        and no branch on the tile class sits among a pipeline's in-flight
+        matmuls. Each tile of a sparse walk is
+        found by a scalar search past the others; with ``full_positions`` False
+        the full tiles' positions are not needed (``j`` is None) and not
+        searched. Returns ``(visits_end, carry, visited_any)``.
         """
+        n_partial = self.count - self.n_full
 
         def run(c):
             t, carry = c
-            carry = first(self.lo, t, self.tile_class(self.lo) == PARTIAL, carry)
-            if not self.sparse:
-                step = lambda j, c: (c[0] + 1, body(j, c[0], self.tile_class(j) == PARTIAL, c[1]))  # noqa: E731
-                return lax.fori_loop(self.lo + 1, self.hi, step, (t + 1, carry))
+            has_full = self.n_full > 0
+            j0 = jnp.where(has_full, self.first_full, self.first_partial)
+            if self.sparse:  # a branch per class keeps the mask's own branch out of first
+                carry = lax.cond(has_full, lambda c: first(j0, t, False, c), lambda c: first(j0, t, True, c), carry)
+            else:  # full tiles, then a ragged last one
+                carry = first(j0, t, self._n == 1 and self._ragged, carry)
 
-            def step(_, c):
-                t, j, carry = c
-                j = lax.while_loop(lambda j: self.tile_class(j) == EMPTY, lambda j: j + 1, j)
-                return t + 1, j + 1, body(j, t, self.tile_class(j) == PARTIAL, carry)
+            def phase(cls, j, start, stop, t, carry):
+                find = cls == PARTIAL or full_positions
 
-            t, _, carry = lax.fori_loop(1, self.count, step, (t + 1, self.lo + 1, carry))
-            return t, carry
+                def step(_, c):
+                    t, j, carry = c
+                    if not find:  # the body does not read j: no search
+                        return t + 1, j, body(None, t, False, carry)
+                    j = self._next(j, cls)
+                    return t + 1, j + 1, body(j, t, cls == PARTIAL, carry)
 
-        if not self.sparse:  # dense walks visit tile 0 (n_tiles >= 1)
+                t, _, carry = lax.fori_loop(start, stop, step, (t, j, carry))
+                return t, carry
+
+            t, carry = phase(FULL, j0 + 1, jnp.int32(1), self.n_full, t + 1, carry)
+            j_partial = jnp.where(has_full, self.first_partial, j0 + 1)
+            return phase(PARTIAL, j_partial, jnp.where(has_full, 0, 1), n_partial, t, carry)
+
+        nonempty = self.count > 0
+        if not self.sparse and self._n > 0:
             return (*run((t0, carry)), jnp.bool_(True))
-        nonempty = self.count > 0  # then lo is the first non-empty tile
         return (*lax.cond(nonempty, run, lambda c: c, (t0, carry)), nonempty)
+
+    def produce_full_first(self, fetch, t0=None):
+        """``fetch(j, t)`` in the order of :meth:`consume_full_first`; returns the visit count end."""
+        t = jnp.int32(0) if t0 is None else t0
+        for cls, lo in ((FULL, self.first_full), (PARTIAL, self.first_partial)):
+
+            def step(j, t, cls=cls):
+                hit = self.tile_class(j) == cls
+                pl.when(hit)(lambda: fetch(j, t))
+                return t + hit.astype(jnp.int32)
+
+            t = lax.fori_loop(jnp.minimum(lo, self.hi), self.hi, step, t)
+        return t
 
     def produce(self, fetch, t0=None):
         """``fetch(j, t)`` for each visited tile; returns the visit count end."""
