@@ -493,10 +493,10 @@ class TileWalk:
         nothing is visited), ``body(j, t, is_partial, carry) -> carry`` the
         others. ``is_partial`` is a Python bool: each class gets its own code
         and no branch on the tile class sits among a pipeline's in-flight
-        matmuls. Each tile of a sparse walk is
-        found by a scalar search past the others; with ``full_positions`` False
-        the full tiles' positions are not needed (``j`` is None) and not
-        searched. Returns ``(visits_end, carry, visited_any)``.
+        matmuls. Each tile of a sparse walk is found by a scalar search past
+        the others; with ``full_positions`` False the full tiles' positions
+        are not needed (``j`` is None) and not searched. Returns
+        ``(visits_end, carry, visited_any)``.
         """
         n_partial = self.count - self.n_full
 

@@ -251,9 +251,10 @@ def forward_kernel_call(
                             # does not know that: keep p_prev live up to here, or it may
                             # put this tile's probabilities in the same registers, and
                             # ptxas then serialises every wgmma of the kernel (C7513;
-                            # measured on H100: the causal forward took 1.3-1.6x as long). Only the row
-                            # maxima pass through the barrier: routing all of ``out``
-                            # through it cost the unmasked forward 10%.
+                            # measured on H100: the causal forward took 1.3-1.6x as
+                            # long). Only the row maxima pass through the barrier:
+                            # routing all of ``out`` through it cost the unmasked
+                            # forward 10%.
                             p_new, m_new, l_new, a_new = out
                             _, m_new = lax.optimization_barrier((p_prev, m_new))
                             out = (p_new, m_new, l_new, a_new)
