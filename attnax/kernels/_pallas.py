@@ -193,13 +193,13 @@ def kernel_tiles(classes, ragged_last: bool):
     n = classes.shape[-1]
     idx = jnp.arange(n, dtype=jnp.int32).reshape((1,) * (classes.ndim - 1) + (n,))
     nonempty = classes != EMPTY
-    lo = jnp.min(jnp.where(nonempty, idx, n), axis=-1)
-    hi = jnp.max(jnp.where(nonempty, idx + 1, 0), axis=-1)
-    count = jnp.sum(nonempty, axis=-1, dtype=jnp.int32)
     full = classes == FULL
-    n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)
     first_full = jnp.min(jnp.where(full, idx, n), axis=-1)
     first_partial = jnp.min(jnp.where(classes == PARTIAL, idx, n), axis=-1)
+    lo = jnp.minimum(first_full, first_partial)
+    hi = jnp.max(jnp.where(nonempty, idx + 1, 0), axis=-1)
+    count = jnp.sum(nonempty, axis=-1, dtype=jnp.int32)
+    n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)
     return classes, jnp.stack([lo, jnp.maximum(hi, lo), count, n_full, first_full, first_partial], axis=-1)
 
 

@@ -531,28 +531,24 @@ class TileWalk:
             return (*run((t0, carry)), jnp.bool_(True))
         return (*lax.cond(nonempty, run, lambda c: c, (t0, carry)), nonempty)
 
+    def _fetch_from(self, lo, wanted, fetch, t):
+        """``fetch(j, t)`` for each tile ``j`` in ``[lo, hi)`` whose class is ``wanted``; counts them on from ``t``."""
+
+        def step(j, t):
+            hit = wanted(self.tile_class(j))
+            pl.when(hit)(lambda: fetch(j, t))
+            return t + hit.astype(jnp.int32)
+
+        return lax.fori_loop(jnp.minimum(lo, self.hi), self.hi, step, t)
+
     def produce_full_first(self, fetch, t0=None):
         """``fetch(j, t)`` in the order of :meth:`consume_full_first`; returns the visit count end."""
-        t = jnp.int32(0) if t0 is None else t0
-        for cls, lo in ((FULL, self.first_full), (PARTIAL, self.first_partial)):
-
-            def step(j, t, cls=cls):
-                hit = self.tile_class(j) == cls
-                pl.when(hit)(lambda: fetch(j, t))
-                return t + hit.astype(jnp.int32)
-
-            t = lax.fori_loop(jnp.minimum(lo, self.hi), self.hi, step, t)
-        return t
+        t = self._fetch_from(self.first_full, lambda c: c == FULL, fetch, jnp.int32(0) if t0 is None else t0)
+        return self._fetch_from(self.first_partial, lambda c: c == PARTIAL, fetch, t)
 
     def produce(self, fetch, t0=None):
         """``fetch(j, t)`` for each visited tile; returns the visit count end."""
-
-        def step(j, t):
-            visited = self.tile_class(j) != EMPTY
-            pl.when(visited)(lambda: fetch(j, t))
-            return t + visited.astype(jnp.int32)
-
-        return lax.fori_loop(self.lo, self.hi, step, jnp.int32(0) if t0 is None else t0)
+        return self._fetch_from(self.lo, lambda c: c != EMPTY, fetch, jnp.int32(0) if t0 is None else t0)
 
 
 def wait_slot_free(free_barriers, step, stages: int):
