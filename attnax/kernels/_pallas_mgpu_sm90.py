@@ -262,7 +262,6 @@ def forward_kernel_call(
                         out = low.accumulators(tile, (bq, bkv))
                         return (low.values(accs), *out)
 
-                    pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))  # warpgroup 0 goes first
                     carry = (
                         low.values(accs),
                         low.cast(jnp.zeros((bq, bkv), dtype), WGMMA),
@@ -287,7 +286,6 @@ def forward_kernel_call(
 
                     values = lax.cond(visited, last_pv, lambda v: v, values) if st.sparse else last_pv(values)
                     low.restore(accs, values)
-                    pl.when(wg == 0)(my_turn)  # warpgroup 1's last hand-over
                     return t, low.read(o_acc), m_i, l_i
 
                 return low.accumulators(with_o, (bq, Dv))
@@ -356,7 +354,16 @@ def forward_kernel_call(
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_row0, bq)])
                 return t
 
+            # The turns of the pipelined walk alternate across the CTA's query tiles:
+            # warpgroup 1's last hand-over of one tile is warpgroup 0's first turn
+            # of the next. (A hand-over per tile raced: warpgroup 1 could start the
+            # next tile and arrive again before warpgroup 0 had waited, completing
+            # two phases of one barrier; seen as a hang in GPU interpret mode.)
+            if pipelined:
+                pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))  # warpgroup 0 goes first
             lax.fori_loop(0, n_items, item, jnp.int32(0))
+            if pipelined:
+                pl.when(wg == 0)(lambda: plgpu.barrier_wait(turn.at[0]))  # warpgroup 1's last hand-over
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
