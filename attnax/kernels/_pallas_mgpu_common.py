@@ -526,9 +526,9 @@ class TileWalk:
             j_partial = jnp.where(has_full, self.first_partial, j0 + 1)
             return phase(PARTIAL, j_partial, jnp.where(has_full, 0, 1), n_partial, t, carry)
 
-        nonempty = self.count > 0
         if not self.sparse and self._n > 0:
             return (*run((t0, carry)), jnp.bool_(True))
+        nonempty = self.count > 0
         return (*lax.cond(nonempty, run, lambda c: c, (t0, carry)), nonempty)
 
     def _fetch_from(self, lo, wanted, fetch, t):
