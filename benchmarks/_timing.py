@@ -9,10 +9,16 @@ Counting (numpy only):
 - forward+backward: 3.5 × forward (2.5 matmuls in the backward per forward matmul);
 - decode: bytes of K and V read (``2·B·Hk·S·D·itemsize``), reported as TB/s.
 
-Timing: compile and warm up, then the median of ``runs`` timed runs. A run
-of a fast kernel (under ``min_run_s``) repeats the call back to back and
-divides, so that host dispatch does not count; JAX runs end in
-``jax.block_until_ready``, PyTorch runs are timed by CUDA events.
+Timing: compile and warm up (at least ``warmup`` calls and ``warmup_s``
+seconds, so that the GPU clocks have ramped up), then the median of ``runs``
+timed runs. A run of a fast kernel (under ``min_run_s``) repeats the call back
+to back and divides, so that host dispatch does not count; JAX runs end in
+``jax.block_until_ready``, PyTorch runs are timed by CUDA events. A JAX run is
+wall-clock time and pays the host round trip of its first dispatch and its
+final sync once; with 2 ms runs that inflated sub-millisecond JAX calls by up
+to 20% against the same calls timed in 20-call runs (H100, session 10), while
+CUDA events leave it out of the PyTorch peers: runs of at least 10 ms keep it
+under 1%.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ class TimingConfig:
     """Warm-up and repetition settings.
 
     Attributes:
-        warmup: untimed calls after the compiling one.
+        warmup: untimed calls after the compiling one (at least).
+        warmup_s: warm-up calls go on until this many seconds have passed.
         runs: timed runs; the median is reported.
         min_run_s: a run shorter than this repeats the call ``n_inner`` times.
         max_inner: cap on ``n_inner``.
@@ -41,14 +48,15 @@ class TimingConfig:
     """
 
     warmup: int = 3
+    warmup_s: float = 0.2
     runs: int = 20
-    min_run_s: float = 2e-3
-    max_inner: int = 64
+    min_run_s: float = 10e-3
+    max_inner: int = 256
     max_case_s: float = 15.0
 
     @classmethod
     def smoke(cls) -> TimingConfig:
-        return cls(warmup=1, runs=3, min_run_s=0.0, max_inner=1, max_case_s=2.0)
+        return cls(warmup=1, warmup_s=0.0, runs=3, min_run_s=0.0, max_inner=1, max_case_s=2.0)
 
 
 def attention_flops(case: Case) -> float:
@@ -104,7 +112,8 @@ def time_jax(fn, args, cfg: TimingConfig) -> dict:
     jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
     warm = []
-    for _ in range(max(cfg.warmup, 1)):
+    t_start = time.perf_counter()
+    while len(warm) < max(cfg.warmup, 1) or time.perf_counter() - t_start < cfg.warmup_s:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         warm.append(time.perf_counter() - t0)
@@ -131,7 +140,8 @@ def time_torch(fn, cfg: TimingConfig) -> dict:
     compile_s = time.perf_counter() - t0
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     warm = []
-    for _ in range(max(cfg.warmup, 1)):
+    t_start = time.perf_counter()
+    while len(warm) < max(cfg.warmup, 1) or time.perf_counter() - t_start < cfg.warmup_s:
         start.record()
         fn()
         end.record()

@@ -159,11 +159,38 @@ def test_long_unmasked_d64_uses_256_key_tiles():
     assert default_config(64, kv_len=2048, masked=True).block_kv == 128
     assert default_config(64, kv_len=1024, masked=False).block_kv == 128
     assert default_config(128, kv_len=8192, masked=False).block_kv == 128
+    assert default_config(64, kv_len=4096, masked=True, causal_only=True).block_kv == 256
+    assert default_config(64, kv_len=2048, masked=True, causal_only=True).block_kv == 128
+    assert default_config(128, kv_len=8192, masked=True, causal_only=True).block_kv == 128
     q, k, v = random_qkv(3, 1, 2, 1, 64, 2100, 64, dtype=jnp.bfloat16)
     out, vjp = jax.vjp(lambda q, k, v: pallas_flash_attention(q, k, v, interpret=True), q, k, v)
     ref, rvjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v), *to64(q, k, v))
     np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2)
     ct = jnp.asarray(np.random.default_rng(4).standard_normal(out.shape), jnp.bfloat16)
+    for a, b in zip(vjp(ct), rvjp(to64(ct))):
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, atol=5e-2)
+
+
+def test_long_causal_d64_uses_256_key_tiles():
+    """A plain causal mask (nothing else) over >= 4096 keys at D <= 64 takes 256-key tiles; results still match."""
+    from attnax.kernels._pallas import _causal_only
+    from attnax.score_mods import alibi_mod, causal_mod, compose_score_mods, sliding_window_mod
+
+    causal = causal_mod()
+    assert _causal_only(causal, None, None, False)
+    assert _causal_only(compose_score_mods(causal, causal_mod()), None, None, False)
+    assert not _causal_only(causal, None, None, True)  # dropout
+    assert not _causal_only(compose_score_mods(causal, alibi_mod(2)), None, None, False)
+    assert not _causal_only(sliding_window_mod((100, 0)), None, None, False)
+    assert not _causal_only(causal, lambda b, h, q, k: k >= 0, None, False)
+    assert not _causal_only(None, None, None, False)
+    # 70 queries at the end of 4200 keys: the last kv tile is partial, two query tiles cross the diagonal.
+    q, k, v = random_qkv(5, 1, 2, 1, 70, 4200, 64, dtype=jnp.bfloat16)
+    fn = lambda q, k, v: pallas_flash_attention(q, k, v, score_mod=causal, q_offset=4130, interpret=True)
+    out, vjp = jax.vjp(fn, q, k, v)
+    ref, rvjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, score_mod=causal, q_offset=4130), *to64(q, k, v))
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2)
+    ct = jnp.asarray(np.random.default_rng(6).standard_normal(out.shape), jnp.bfloat16)
     for a, b in zip(vjp(ct), rvjp(to64(ct))):
         np.testing.assert_allclose(np.asarray(a, np.float64), b, atol=5e-2)
 

@@ -1,0 +1,106 @@
+"""GPU diagnosis (session 10): forward tilings at D=64 against cuDNN, and the harness's timing settings.
+
+1. The benchmark harness's timing, old settings (2 ms runs, 3 warm-up calls)
+   against new (10 ms runs, 0.2 s of warm-up): attnax and cuDNN alike.
+2. The D=64 forward with several ``PallasFlashConfig`` tilings and cuDNN
+   (``jax.nn``), dense and causal, interleaved: three rounds of 20-call runs.
+
+    PYTHONPATH=. python benchmarks/gpu_fwd_configs.py           # GPU
+    INTERP=1 PYTHONPATH=. python benchmarks/gpu_fwd_configs.py  # CPU dry run (tiny shapes)
+"""
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnax.kernels import causal_mod
+from attnax.kernels._pallas import PallasFlashConfig, pallas_flash_attention
+
+INTERP = os.environ.get("INTERP") == "1"
+SHAPES = [(8, 2048), (4, 4096), (2, 8192), (1, 16384)] if not INTERP else [(1, 256)]
+H, D = (16, 64) if not INTERP else (2, 64)
+TILINGS = {  # (block_q, block_kv, num_stages)
+    False: [(64, 256, 2), (128, 128, 2), (64, 128, 2)],
+    True: [(64, 128, 2), (128, 128, 2), (64, 256, 2), (128, 64, 3)],
+}
+
+
+def bench(f, args, n=20, reps=5):
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            o = f(*args)
+        jax.block_until_ready(o)
+        ts.append((time.perf_counter() - t0) / n)
+    return statistics.median(ts) * 1e3
+
+
+def qkv(B, T, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(kk, (B, H, T, D), jnp.bfloat16) for kk in ks)
+
+
+def attnax_fn(causal, cfg=None):
+    mod = causal_mod() if causal else None
+    return jax.jit(lambda q, k, v: pallas_flash_attention(q, k, v, score_mod=mod, block_sizes=cfg, interpret=INTERP))
+
+
+def cudnn_fn(causal):
+    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"))
+
+
+def timing_settings():
+    from benchmarks._timing import TimingConfig, time_jax
+
+    old = TimingConfig(warmup=3, warmup_s=0.0, min_run_s=2e-3, max_inner=64)
+    new = TimingConfig()
+    for B, T, causal in ((4, 4096, True), (8, 2048, False), (1, 16384, True)):
+        q, k, v = qkv(B, T, 1)
+        t = tuple(jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+        fa, fc = attnax_fn(causal), cudnn_fn(causal)
+        for _ in range(2):
+            for name, cfg in (("old", old), ("new", new)):
+                ra, rc = time_jax(fa, (q, k, v), cfg), time_jax(fc, t, cfg)
+                print(f"timing B{B} T{T} causal={causal} {name}: attnax {ra['ms']:.3f} (n_inner {ra['n_inner']}) "
+                      f"cudnn {rc['ms']:.3f} (n_inner {rc['n_inner']})", flush=True)
+
+
+def tilings():
+    rows = []
+    for causal in (False, True):
+        for B, T in SHAPES:
+            q, k, v = qkv(B, T)
+            t = tuple(jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+            fns = {f"{bq}x{bkv}s{st}": (attnax_fn(causal, PallasFlashConfig(bq, bkv, st)), (q, k, v))
+                   for bq, bkv, st in TILINGS[causal]}
+            if not INTERP:
+                fns["cudnn"] = (cudnn_fn(causal), t)
+            outs = {}
+            for name, (f, a) in fns.items():
+                o = f(*a)
+                outs[name] = np.asarray((jnp.swapaxes(o, 1, 2) if name == "cudnn" else o).astype(jnp.float32))
+            first = outs[next(iter(outs))]
+            times = {n: [] for n in fns}
+            for _ in range(3 if not INTERP else 1):
+                for name, (f, a) in fns.items():
+                    times[name].append(bench(f, a, *((20, 5) if not INTERP else (1, 1))))
+            flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+            for name in fns:
+                ms = statistics.median(times[name])
+                err = float(np.max(np.abs(outs[name] - first)))
+                rows.append(f"B{B} T{T} {'causal' if causal else 'dense':6s} {name:10s} {ms:8.3f} ms "
+                            f"{flops / ms / 1e9:5.0f} TF/s  max|diff| to the first {err:.2g}")
+                print(rows[-1], flush=True)
+    print("\n# D=64 forward tilings (median of 3 interleaved rounds)")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    if not INTERP:
+        timing_settings()
+    tilings()

@@ -1,0 +1,115 @@
+"""GPU diagnosis (session 10): what a score transform costs in the forward kernel.
+
+Times the D=128 causal forward at B=1 H=16 T=S=16384 with several transforms
+(interleaved, three rounds of 20-call runs) and counts, in the PTX Mosaic GPU
+dumps, the instructions that run at quarter rate on sm90 (int-to-float
+conversions, ex2, tanh).
+
+    python benchmarks/gpu_mod_costs.py          # GPU
+    INTERP=1 python benchmarks/gpu_mod_costs.py # CPU dry run (tiny shapes)
+"""
+import glob, os, re, statistics, sys, tempfile, time
+
+DUMP = tempfile.mkdtemp(prefix="attnax-ptx-")
+INTERP = os.environ.get("INTERP") == "1"
+if not INTERP:
+    os.environ["MOSAIC_GPU_DUMP_TO"] = DUMP
+from typing import Any, ClassVar  # noqa: E402
+
+import jax, jax.numpy as jnp, numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from attnax import score_mods as sm  # noqa: E402
+from attnax.score_mods._base import AttentionMod, mod_dataclass  # noqa: E402
+from attnax.kernels._pallas import pallas_flash_attention  # noqa: E402
+from attnax.reference import attention_reference  # noqa: E402
+
+
+def f32_of_small_int(x):
+    """float32 of int32 ``0 <= x < 2**23`` with two full-rate ops (no I2F)."""
+    return lax.bitcast_convert_type(x + jnp.int32(0x4B000000), jnp.float32) - jnp.float32(8388608.0)
+
+
+@mod_dataclass
+class AlibiMagic(AttentionMod):
+    slopes: Any
+    has_transform: ClassVar[bool] = True
+
+    def transform(self, score, b, h, q_idx, kv_idx):
+        return score - self.slopes[h].astype(score.dtype) * f32_of_small_int(jnp.abs(q_idx - kv_idx))
+
+
+@mod_dataclass
+class Identity(AttentionMod):
+    has_transform: ClassVar[bool] = True
+
+    def transform(self, score, b, h, q_idx, kv_idx):
+        return score
+
+
+@mod_dataclass
+class IntToFloat(AttentionMod):  # one I2F per score, nothing else
+    has_transform: ClassVar[bool] = True
+
+    def transform(self, score, b, h, q_idx, kv_idx):
+        return score + (kv_idx - q_idx).astype(score.dtype) * 1e-30
+
+
+B, H, T, D = (1, 16, 16384, 128) if not INTERP else (1, 2, 256, 128)
+causal = sm.causal_mod()
+slopes = sm.alibi_mod(H).slopes if hasattr(sm.alibi_mod(H), "slopes") else None
+VARIANTS = {
+    "causal": causal,
+    "identity": sm.compose_score_mods(causal, Identity()),
+    "i2f": sm.compose_score_mods(causal, IntToFloat()),
+    "alibi": sm.compose_score_mods(causal, sm.alibi_mod(H)),
+    "alibi_magic": sm.compose_score_mods(causal, AlibiMagic(slopes)),
+    "softcap": sm.compose_score_mods(causal, sm.softcap_mod(50.0)),
+}
+ks = jax.random.split(jax.random.key(0), 3)
+q, k, v = (jax.random.normal(kk, (B, H, T, D), jnp.bfloat16) for kk in ks)
+PATTERNS = {"cvt.f32.s32": r"cvt\.rn\.f32\.s32", "ex2": r"ex2\.approx", "tanh": r"tanh\.approx", "rcp": r"rcp\."}
+
+
+def ptx_counts(files):
+    text = "".join(open(f, errors="replace").read() for f in files)
+    return " ".join(f"{n}={len(re.findall(p, text))}" for n, p in PATTERNS.items())
+
+
+def bench(f, n=20, reps=5):
+    jax.block_until_ready(f(q, k, v))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            o = f(q, k, v)
+        jax.block_until_ready(o)
+        ts.append((time.perf_counter() - t0) / n)
+    return statistics.median(ts) * 1e3
+
+
+fns, info = {}, {}
+ref_small = None
+for name, mod in VARIANTS.items():
+    before = set(glob.glob(os.path.join(DUMP, "**", "*"), recursive=True))
+    fns[name] = jax.jit(lambda q, k, v, mod=mod: pallas_flash_attention(q, k, v, score_mod=mod, interpret=INTERP))
+    o = fns[name](q, k, v)
+    # correctness on a slice: rows [0, 256) against the float64 oracle
+    r = attention_reference(*(x[:, :, :256].astype(jnp.float64) for x in (q, k, v)), score_mod=mod)
+    err = float(jnp.max(jnp.abs(o[:, :, :256].astype(jnp.float64) - r)))
+    new = sorted(set(glob.glob(os.path.join(DUMP, "**", "*"), recursive=True)) - before)
+    ptx = [f for f in new if f.endswith(".ptx")]
+    if new and not ptx:
+        print("dumped:", sorted({os.path.splitext(f)[1] for f in new}))
+    info[name] = f"err {err:.3g} " + (ptx_counts(ptx) if ptx else "(no ptx)")
+    print(name, info[name], flush=True)
+
+times = {n: [] for n in fns}
+for rep in range(3 if not INTERP else 1):
+    for name, f in fns.items():
+        times[name].append(bench(f, *((20, 5) if not INTERP else (1, 1))))
+base = statistics.median(times["causal"])
+print("\n# forward, B=1 H=16 T=S=16384 D=128, causal + transform (ms, median of 3 interleaved rounds)")
+for name in fns:
+    t = statistics.median(times[name])
+    print(f"{name:12s} {t:8.3f} ms  x{t / base:5.2f} of causal  runs {' '.join('%.3f' % x for x in times[name])}  {info[name]}")
