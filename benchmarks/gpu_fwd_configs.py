@@ -5,7 +5,10 @@
 2. The D=64 forward with several ``PallasFlashConfig`` tilings and cuDNN
    (``jax.nn``), dense and causal, interleaved: three rounds of 20-call runs.
 
-    PYTHONPATH=. python benchmarks/gpu_fwd_configs.py           # GPU
+3. ``mods``: the D=128 window-1024 and packed-documents forwards (B=1 H=16
+   T=S=16384) with several tilings.
+
+    PYTHONPATH=. python benchmarks/gpu_fwd_configs.py [mods]    # GPU
     INTERP=1 PYTHONPATH=. python benchmarks/gpu_fwd_configs.py  # CPU dry run (tiny shapes)
 """
 import os
@@ -100,7 +103,45 @@ def tilings():
     print("\n".join(rows))
 
 
+def mod_tilings():
+    from attnax.kernels import compose_score_mods, document_mask_mod, sliding_window_mod
+
+    B, H, T, D = (1, 16, 16384, 128) if not INTERP else (1, 2, 512, 128)
+    ks = jax.random.split(jax.random.key(2), 3)
+    q, k, v = (jax.random.normal(kk, (B, H, T, D), jnp.bfloat16) for kk in ks)
+    mods = {
+        "window1024": sliding_window_mod((1023, 0)),
+        "docs8": compose_score_mods(causal_mod(), document_mask_mod(jnp.repeat(jnp.arange(8), T // 8))),
+        "causal": causal_mod(),
+    }
+    rows = []
+    for name, mod in mods.items():
+        fns = {}
+        for bq, bkv, st in ((64, 128, 2), (64, 64, 2), (64, 64, 3), (64, 64, 4)):
+            cfg = PallasFlashConfig(bq, bkv, st)
+            fns[f"{bq}x{bkv}s{st}"] = jax.jit(
+                lambda q, k, v, cfg=cfg, mod=mod: pallas_flash_attention(
+                    q, k, v, score_mod=mod, block_sizes=cfg, interpret=INTERP))
+        outs = {n: np.asarray(f(q, k, v).astype(jnp.float32)) for n, f in fns.items()}
+        first = outs[next(iter(outs))]
+        times = {n: [] for n in fns}
+        for _ in range(3 if not INTERP else 1):
+            for n, f in fns.items():
+                times[n].append(bench(f, (q, k, v), *((20, 5) if not INTERP else (1, 1))))
+        for n in fns:
+            rows.append(f"{name:10s} {n:10s} {statistics.median(times[n]):8.3f} ms  "
+                        f"max|diff| to the first {float(np.max(np.abs(outs[n] - first))):.2g}")
+            print(rows[-1], flush=True)
+    print("\n# D=128 mod forwards by tiling (median of 3 interleaved rounds)")
+    print("\n".join(rows))
+
+
 if __name__ == "__main__":
-    if not INTERP:
-        timing_settings()
-    tilings()
+    import sys
+
+    if "mods" in sys.argv[1:]:
+        mod_tilings()
+    else:
+        if not INTERP:
+            timing_settings()
+        tilings()

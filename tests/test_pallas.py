@@ -184,9 +184,22 @@ def test_long_causal_d64_uses_256_key_tiles():
     assert not _causal_only(sliding_window_mod((100, 0)), None, None, False)
     assert not _causal_only(causal, lambda b, h, q, k: k >= 0, None, False)
     assert not _causal_only(None, None, None, False)
+    _check_long_causal_d64(interpret=True)
+
+
+@pytest.mark.gpu
+def test_long_causal_d64_uses_256_key_tiles_compiled():
+    """The same numbers compiled on the GPU (256-key forward tiles, a partial last tile, the backward)."""
+    _check_long_causal_d64(interpret=False)
+
+
+def _check_long_causal_d64(interpret: bool):
+    from attnax.score_mods import causal_mod
+
+    causal = causal_mod()
     # 70 queries at the end of 4200 keys: the last kv tile is partial, two query tiles cross the diagonal.
     q, k, v = random_qkv(5, 1, 2, 1, 70, 4200, 64, dtype=jnp.bfloat16)
-    fn = lambda q, k, v: pallas_flash_attention(q, k, v, score_mod=causal, q_offset=4130, interpret=True)
+    fn = lambda q, k, v: pallas_flash_attention(q, k, v, score_mod=causal, q_offset=4130, interpret=interpret)
     out, vjp = jax.vjp(fn, q, k, v)
     ref, rvjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, score_mod=causal, q_offset=4130), *to64(q, k, v))
     np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2)
