@@ -171,37 +171,49 @@ def test_long_unmasked_d64_uses_256_key_tiles():
         np.testing.assert_allclose(np.asarray(a, np.float64), b, atol=5e-2)
 
 
-def test_long_causal_d64_uses_256_key_tiles():
-    """A plain causal mask (nothing else) over >= 4096 keys at D <= 64 takes 256-key tiles; results still match."""
-    from attnax.kernels._pallas import _causal_only
+def test_long_causal_d64_uses_256_key_tiles(monkeypatch):
+    """A plain causal mask (nothing else) over >= 4096 keys at D <= 64 takes 256-key tiles."""
+    from attnax.kernels import _pallas
     from attnax.score_mods import alibi_mod, causal_mod, compose_score_mods, sliding_window_mod
 
     causal = causal_mod()
-    assert _causal_only(causal, None, None, False)
-    assert _causal_only(compose_score_mods(causal, causal_mod()), None, None, False)
-    assert not _causal_only(causal, None, None, True)  # dropout
-    assert not _causal_only(compose_score_mods(causal, alibi_mod(2)), None, None, False)
-    assert not _causal_only(sliding_window_mod((100, 0)), None, None, False)
-    assert not _causal_only(causal, lambda b, h, q, k: k >= 0, None, False)
-    assert not _causal_only(None, None, None, False)
-    _check_long_causal_d64(interpret=True)
+    assert _pallas._causal_only(causal, None, None, False)
+    assert _pallas._causal_only(compose_score_mods(causal, causal_mod()), None, None, False)
+    assert not _pallas._causal_only(causal, None, None, True)  # dropout
+    assert not _pallas._causal_only(compose_score_mods(causal, alibi_mod(2)), None, None, False)
+    assert not _pallas._causal_only(sliding_window_mod((100, 0)), None, None, False)
+    assert not _pallas._causal_only(causal, lambda b, h, q, k: k >= 0, None, False)
+    assert not _pallas._causal_only(None, None, None, False)
+    chosen = []
+    default = _pallas.default_config
+    monkeypatch.setattr(_pallas, "default_config", lambda *a, **kw: chosen.append(default(*a, **kw)) or chosen[-1])
+    q, k, v = random_qkv(5, 1, 2, 1, 70, 4200, 64, dtype=jnp.bfloat16)
+    for mod, bkv in ((causal, 256), (sliding_window_mod((1000, 0)), 128)):
+        jax.eval_shape(lambda q, k, v: pallas_flash_attention(q, k, v, score_mod=mod, q_offset=4130, interpret=True),
+                       q, k, v)  # fmt: skip
+        assert chosen[-1].block_kv == bkv
+    _check_causal_256_key_tiles(interpret=True)
 
 
 @pytest.mark.gpu
-def test_long_causal_d64_uses_256_key_tiles_compiled():
+def test_causal_256_key_tiles_compiled():
     """The same numbers compiled on the GPU (256-key forward tiles, a partial last tile, the backward)."""
-    _check_long_causal_d64(interpret=False)
+    _check_causal_256_key_tiles(interpret=False)
 
 
-def _check_long_causal_d64(interpret: bool):
+def _check_causal_256_key_tiles(interpret: bool):
+    """Causal with 256-key forward tiles and 300 keys: the dK/dV kernel's CTAs follow the true key length."""
+    from attnax.kernels import PallasFlashConfig
     from attnax.score_mods import causal_mod
 
     causal = causal_mod()
-    # 70 queries at the end of 4200 keys: the last kv tile is partial, two query tiles cross the diagonal.
-    q, k, v = random_qkv(5, 1, 2, 1, 70, 4200, 64, dtype=jnp.bfloat16)
-    fn = lambda q, k, v: pallas_flash_attention(q, k, v, score_mod=causal, q_offset=4130, interpret=interpret)
+    q, k, v = random_qkv(5, 1, 2, 1, 70, 300, 64, dtype=jnp.bfloat16)
+    cfg = PallasFlashConfig(64, 256, 2)
+    fn = lambda q, k, v: pallas_flash_attention(
+        q, k, v, score_mod=causal, q_offset=230, block_sizes=cfg, interpret=interpret
+    )
     out, vjp = jax.vjp(fn, q, k, v)
-    ref, rvjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, score_mod=causal, q_offset=4130), *to64(q, k, v))
+    ref, rvjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, score_mod=causal, q_offset=230), *to64(q, k, v))
     np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2)
     ct = jnp.asarray(np.random.default_rng(6).standard_normal(out.shape), jnp.bfloat16)
     for a, b in zip(vjp(ct), rvjp(to64(ct))):
