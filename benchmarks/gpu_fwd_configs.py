@@ -1,14 +1,14 @@
 """GPU diagnosis (session 10): forward tilings at D=64 against cuDNN, and the harness's timing settings.
 
-1. The benchmark harness's timing, old settings (2 ms runs, 3 warm-up calls)
+1. ``timing``: the benchmark harness's timing, old settings (2 ms runs, 3 warm-up calls)
    against new (10 ms runs, 0.2 s of warm-up): attnax and cuDNN alike.
-2. The D=64 forward with several ``PallasFlashConfig`` tilings and cuDNN
+2. The D=64 (FWD_D=128: D=128) forward with several ``PallasFlashConfig`` tilings and cuDNN
    (``jax.nn``), dense and causal, interleaved: three rounds of 20-call runs.
 
 3. ``mods``: the D=128 window-1024 and packed-documents forwards (B=1 H=16
    T=S=16384) with several tilings.
 
-    PYTHONPATH=. python benchmarks/gpu_fwd_configs.py [mods]    # GPU
+    PYTHONPATH=. python benchmarks/gpu_fwd_configs.py [timing] [mods]  # GPU
     INTERP=1 PYTHONPATH=. python benchmarks/gpu_fwd_configs.py  # CPU dry run (tiny shapes)
 """
 import os
@@ -24,11 +24,18 @@ from attnax.kernels._pallas import PallasFlashConfig, pallas_flash_attention
 
 INTERP = os.environ.get("INTERP") == "1"
 SHAPES = [(8, 2048), (4, 4096), (2, 8192), (1, 16384)] if not INTERP else [(1, 256)]
-H, D = (16, 64) if not INTERP else (2, 64)
-TILINGS = {  # (block_q, block_kv, num_stages)
-    False: [(64, 256, 2), (128, 128, 2), (64, 128, 2)],
-    True: [(64, 128, 2), (128, 128, 2), (64, 256, 2), (128, 64, 3)],
-}
+D = int(os.environ.get("FWD_D", 64))  # FWD_D=128: the D=128 tilings
+H = 16 if not INTERP else 2
+TILINGS = {  # (block_q, block_kv, num_stages); the first is the default
+    64: {
+        False: [(64, 256, 2), (128, 128, 2), (64, 128, 2)],
+        True: [(64, 128, 2), (128, 128, 2), (64, 256, 2), (128, 64, 3)],
+    },
+    128: {
+        False: [(64, 128, 2), (64, 192, 2), (64, 64, 4)],
+        True: [(64, 128, 2), (64, 192, 2), (64, 64, 4)],
+    },
+}[D]
 
 
 def bench(f, args, n=20, reps=5):
@@ -63,7 +70,8 @@ def timing_settings():
     old = TimingConfig(warmup=3, warmup_s=0.0, min_run_s=2e-3, max_inner=64)
     new = TimingConfig()
     for B, T, causal in ((4, 4096, True), (8, 2048, False), (1, 16384, True)):
-        q, k, v = qkv(B, T, 1)
+        ks = jax.random.split(jax.random.key(1), 3)
+        q, k, v = (jax.random.normal(kk, (B, 16, T, 64), jnp.bfloat16) for kk in ks)
         t = tuple(jnp.swapaxes(x, 1, 2) for x in (q, k, v))
         fa, fc = attnax_fn(causal), cudnn_fn(causal)
         for _ in range(2):
@@ -99,7 +107,7 @@ def tilings():
                 rows.append(f"B{B} T{T} {'causal' if causal else 'dense':6s} {name:10s} {ms:8.3f} ms "
                             f"{flops / ms / 1e9:5.0f} TF/s  max|diff| to the first {err:.2g}")
                 print(rows[-1], flush=True)
-    print("\n# D=64 forward tilings (median of 3 interleaved rounds)")
+    print(f"\n# D={D} forward tilings (median of 3 interleaved rounds)")
     print("\n".join(rows))
 
 
@@ -142,6 +150,6 @@ if __name__ == "__main__":
     if "mods" in sys.argv[1:]:
         mod_tilings()
     else:
-        if not INTERP:
+        if "timing" in sys.argv[1:]:
             timing_settings()
         tilings()
