@@ -30,7 +30,7 @@ import time
 
 from benchmarks._cases import Case, visible_fraction
 
-__all__ = ["TimingConfig", "count", "time_jax", "time_torch"]
+__all__ = ["TimingConfig", "count", "median_ms", "time_jax", "time_torch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,3 +157,22 @@ def time_torch(fn, cfg: TimingConfig) -> dict:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / n_inner)
     return _summary(times, n_inner, compile_s)
+
+
+def median_ms(fn, args, n: int = 20, reps: int = 5) -> float:
+    """Milliseconds per call of a jitted JAX ``fn(*args)``: the median of ``reps`` runs of ``n`` calls.
+
+    For same-process A/B diagnostics (``benchmarks/gpu_*.py``): one compiling
+    call, then back-to-back runs, each ending in one sync.
+    """
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times) * 1e3

@@ -13,7 +13,6 @@
 """
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ import numpy as np
 
 from attnax.kernels import causal_mod
 from attnax.kernels._pallas import PallasFlashConfig, pallas_flash_attention
+from benchmarks._timing import median_ms
 
 INTERP = os.environ.get("INTERP") == "1"
 SHAPES = [(8, 2048), (4, 4096), (2, 8192), (1, 16384)] if not INTERP else [(1, 256)]
@@ -36,18 +36,6 @@ TILINGS = {  # (block_q, block_kv, num_stages); the first is the default
         True: [(64, 128, 2), (64, 192, 2), (64, 64, 4)],
     },
 }[D]
-
-
-def bench(f, args, n=20, reps=5):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            o = f(*args)
-        jax.block_until_ready(o)
-        ts.append((time.perf_counter() - t0) / n)
-    return statistics.median(ts) * 1e3
 
 
 def qkv(B, T, seed=0):
@@ -99,7 +87,7 @@ def tilings():
             times = {n: [] for n in fns}
             for _ in range(3 if not INTERP else 1):
                 for name, (f, a) in fns.items():
-                    times[name].append(bench(f, a, *((20, 5) if not INTERP else (1, 1))))
+                    times[name].append(median_ms(f, a, *((20, 5) if not INTERP else (1, 1))))
             flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
             for name in fns:
                 ms = statistics.median(times[name])
@@ -135,7 +123,7 @@ def mod_tilings():
         times = {n: [] for n in fns}
         for _ in range(3 if not INTERP else 1):
             for n, f in fns.items():
-                times[n].append(bench(f, (q, k, v), *((20, 5) if not INTERP else (1, 1))))
+                times[n].append(median_ms(f, (q, k, v), *((20, 5) if not INTERP else (1, 1))))
         for n in fns:
             rows.append(f"{name:10s} {n:10s} {statistics.median(times[n]):8.3f} ms  "
                         f"max|diff| to the first {float(np.max(np.abs(outs[n] - first))):.2g}")

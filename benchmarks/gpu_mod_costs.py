@@ -8,7 +8,11 @@ conversions, ex2, tanh).
     python benchmarks/gpu_mod_costs.py          # GPU
     INTERP=1 python benchmarks/gpu_mod_costs.py # CPU dry run (tiny shapes)
 """
-import glob, os, re, statistics, sys, tempfile, time
+import glob
+import os
+import re
+import statistics
+import tempfile
 
 DUMP = tempfile.mkdtemp(prefix="attnax-ptx-")
 INTERP = os.environ.get("INTERP") == "1"
@@ -16,13 +20,15 @@ if not INTERP:
     os.environ["MOSAIC_GPU_DUMP_TO"] = DUMP
 from typing import Any, ClassVar  # noqa: E402
 
-import jax, jax.numpy as jnp, numpy as np  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from attnax import score_mods as sm  # noqa: E402
-from attnax.score_mods._base import AttentionMod, mod_dataclass  # noqa: E402
 from attnax.kernels._pallas import pallas_flash_attention  # noqa: E402
 from attnax.reference import attention_reference  # noqa: E402
+from attnax.score_mods._base import AttentionMod, mod_dataclass  # noqa: E402
+from benchmarks._timing import median_ms  # noqa: E402
 
 
 def f32_of_small_int(x):
@@ -76,18 +82,6 @@ def ptx_counts(files):
     return " ".join(f"{n}={len(re.findall(p, text))}" for n, p in PATTERNS.items())
 
 
-def bench(f, n=20, reps=5):
-    jax.block_until_ready(f(q, k, v))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            o = f(q, k, v)
-        jax.block_until_ready(o)
-        ts.append((time.perf_counter() - t0) / n)
-    return statistics.median(ts) * 1e3
-
-
 fns, info = {}, {}
 ref_small = None
 for name, mod in VARIANTS.items():
@@ -105,11 +99,12 @@ for name, mod in VARIANTS.items():
     print(name, info[name], flush=True)
 
 times = {n: [] for n in fns}
-for rep in range(3 if not INTERP else 1):
+for _ in range(3 if not INTERP else 1):
     for name, f in fns.items():
-        times[name].append(bench(f, *((20, 5) if not INTERP else (1, 1))))
+        times[name].append(median_ms(f, (q, k, v), *((20, 5) if not INTERP else (1, 1))))
 base = statistics.median(times["causal"])
 print("\n# forward, B=1 H=16 T=S=16384 D=128, causal + transform (ms, median of 3 interleaved rounds)")
 for name in fns:
     t = statistics.median(times[name])
-    print(f"{name:12s} {t:8.3f} ms  x{t / base:5.2f} of causal  runs {' '.join('%.3f' % x for x in times[name])}  {info[name]}")
+    runs = " ".join(f"{x:.3f}" for x in times[name])
+    print(f"{name:12s} {t:8.3f} ms  x{t / base:5.2f} of causal  runs {runs}  {info[name]}")

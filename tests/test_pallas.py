@@ -189,8 +189,8 @@ def test_long_causal_d64_uses_256_key_tiles(monkeypatch):
     monkeypatch.setattr(_pallas, "default_config", lambda *a, **kw: chosen.append(default(*a, **kw)) or chosen[-1])
     q, k, v = random_qkv(5, 1, 2, 1, 70, 4200, 64, dtype=jnp.bfloat16)
     for mod, bkv in ((causal, 256), (sliding_window_mod((1000, 0)), 128)):
-        jax.eval_shape(lambda q, k, v: pallas_flash_attention(q, k, v, score_mod=mod, q_offset=4130, interpret=True),
-                       q, k, v)  # fmt: skip
+        fn = lambda q, k, v, mod=mod: pallas_flash_attention(q, k, v, score_mod=mod, q_offset=4130, interpret=True)
+        jax.eval_shape(fn, q, k, v)
         assert chosen[-1].block_kv == bkv
     _check_causal_256_key_tiles(interpret=True)
 
