@@ -32,7 +32,6 @@ import zlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnax.cache import KVCache
 from attnax.kernels import (
@@ -48,6 +47,7 @@ from attnax.kernels import (
     softcap_mod,
 )
 from attnax.reference import attention_reference
+from benchmarks._timing import median_ms
 
 OUT = os.environ.get("OUT", "/tmp")
 SMOKE = "--smoke" in sys.argv
@@ -139,16 +139,9 @@ else:
 
 
 def bench(fn, *args, reps=1 if SMOKE else 5, n=1 if SMOKE else 10):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / n)
-    return float(np.median(times))
+    """Seconds per call (see ``benchmarks._timing.median_ms``)."""
+    jax.block_until_ready(fn(*args))  # a second warm-up call
+    return median_ms(fn, args, n=n, reps=reps) / 1e3
 
 
 H, Hk, D = (4, 2, 64) if SMOKE else (32, 8, 128)
