@@ -15,10 +15,10 @@ timed runs. A run of a fast kernel (under ``min_run_s``) repeats the call back
 to back and divides, so that host dispatch does not count; JAX runs end in
 ``jax.block_until_ready``, PyTorch runs are timed by CUDA events. A JAX run is
 wall-clock time and pays the host round trip of its first dispatch and its
-final sync once; with 2 ms runs that inflated sub-millisecond JAX calls by up
-to 20% against the same calls timed in 20-call runs (H100, session 10), while
-CUDA events leave it out of the PyTorch peers: runs of at least 10 ms keep it
-under 1%.
+final sync once; with 2 ms runs that added 12-17% to sub-millisecond attnax
+calls and 1-5% to cuDNN's, against the same calls timed in 20-call runs
+(H100, session 10), while CUDA events leave it out of the PyTorch peers: runs
+of at least 10 ms keep it under 1%.
 """
 
 from __future__ import annotations
@@ -111,23 +111,36 @@ def time_jax(fn, args, cfg: TimingConfig) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
+
+    def call():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        return time.perf_counter() - t0
+
+    n_inner, runs = _plan(_warm_up(call, cfg), cfg)
+    times = [_jax_run_s(fn, args, n_inner) for _ in range(runs)]
+    return _summary(times, n_inner, compile_s)
+
+
+def _warm_up(call, cfg: TimingConfig) -> float:
+    """Calls ``call()`` (seconds per call) ``cfg.warmup`` times and for ``cfg.warmup_s``; the median."""
     warm = []
     t_start = time.perf_counter()
     while len(warm) < max(cfg.warmup, 1) or time.perf_counter() - t_start < cfg.warmup_s:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        warm.append(time.perf_counter() - t0)
-    n_inner, runs = _plan(statistics.median(warm), cfg)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(n_inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n_inner)
-        del out
-    return _summary(times, n_inner, compile_s)
+        warm.append(call())
+    return statistics.median(warm)
+
+
+def _jax_run_s(fn, args, n: int) -> float:
+    """Seconds per call of ``n`` back-to-back calls of ``fn(*args)``, ending in one sync."""
+    import jax
+
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(n):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / n
 
 
 def time_torch(fn, cfg: TimingConfig) -> dict:
@@ -139,15 +152,14 @@ def time_torch(fn, cfg: TimingConfig) -> dict:
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    warm = []
-    t_start = time.perf_counter()
-    while len(warm) < max(cfg.warmup, 1) or time.perf_counter() - t_start < cfg.warmup_s:
+    def call():
         start.record()
         fn()
         end.record()
         end.synchronize()
-        warm.append(start.elapsed_time(end) / 1e3)
-    n_inner, runs = _plan(statistics.median(warm), cfg)
+        return start.elapsed_time(end) / 1e3
+
+    n_inner, runs = _plan(_warm_up(call, cfg), cfg)
     times = []
     for _ in range(runs):
         start.record()
@@ -168,11 +180,4 @@ def median_ms(fn, args, n: int = 20, reps: int = 5) -> float:
     import jax
 
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times) * 1e3
+    return statistics.median(_jax_run_s(fn, args, n) for _ in range(reps)) * 1e3

@@ -82,6 +82,9 @@ def test_default_candidates_fit_shared_memory():
     q64, q128, q256 = (jax.ShapeDtypeStruct((1, 1, 4096, d), jax.numpy.bfloat16) for d in (64, 128, 256))
     c64 = at.default_candidates(q64, q64, kv_len=4096, masked=False)
     assert c64[0] == default_config(64, kv_len=4096, masked=False) and len(c64) == 6
+    causal64 = at.default_candidates(q64, q64, kv_len=4096, masked=True, causal_only=True)
+    assert causal64[0] == default_config(64, kv_len=4096, masked=True, causal_only=True)  # the call's own default
+    assert causal64[0].block_kv == 256
     c128 = at.default_candidates(q128, q128, kv_len=4096, masked=True)
     assert set(c128) == {A, B, C}  # 128-key tiles with 3 stages (224 KiB) and 256-key tiles do not fit
     assert at.default_candidates(q256, q256, kv_len=4096, masked=True) == [default_config(256)]

@@ -626,7 +626,12 @@ def _checked_call(
     query, key, value, *, score_mod, mask_mod, mask, block_mask, scale, q_offset, dropout_rate, dropout_rng,
     deterministic, backend, interpret, layout="BHSD", **_,
 ):  # fmt: skip
-    """Checks a call (before its tiling is chosen): ``(args, score mod, mask mod incl. a dense mask, masked)``."""
+    """Checks a call (before its tiling is chosen).
+
+    Returns ``(args, score mod, mask mod incl. a dense mask, tiling)``;
+    ``tiling`` holds :func:`default_config`'s ``masked`` and ``causal_only``
+    keywords for the call.
+    """
     if layout not in _LAYOUTS:
         raise ValueError(
             f"`layout` must be 'BHSD' ([batch, heads, seq, dim]) or 'BSHD' ([batch, seq, heads, dim]); got {layout!r}."
@@ -651,7 +656,8 @@ def _checked_call(
         dense = _dense_mask_mod(args.mask, args.q_offset).mask_mod
         mmod = dense if mmod is None else and_masks(mmod, dense)
     masked = any(part is not None for part in _mask_parts(smod, mmod, block_mask))
-    return args, smod, mmod, masked
+    tiling = {"masked": masked, "causal_only": _causal_only(smod, mmod, block_mask, args.dropout_active)}
+    return args, smod, mmod, tiling
 
 
 def _causal_only(smod, mmod, block_mask, dropout: bool) -> bool:
@@ -740,7 +746,7 @@ def pallas_flash_attention(
         >>> out.shape, out.dtype
         ((1, 1, 128, 64), dtype(bfloat16))
     """
-    args, smod, mmod, masked = _checked_call(
+    args, smod, mmod, tiling = _checked_call(
         query, key, value, score_mod=score_mod, mask_mod=mask_mod, mask=mask, block_mask=block_mask, scale=scale,
         q_offset=q_offset, dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic,
         backend=backend, interpret=interpret, layout=layout,
@@ -757,8 +763,7 @@ def pallas_flash_attention(
             backend=backend, interpret=interpret, layout=layout,
         ))  # fmt: skip
     elif block_sizes is None:
-        causal_only = _causal_only(smod, mmod, block_mask, args.dropout_active)
-        config = default_config(d.D, kv_len=d.S, masked=masked, causal_only=causal_only)
+        config = default_config(d.D, kv_len=d.S, **tiling)
     elif isinstance(block_sizes, PallasFlashConfig):
         config = block_sizes
     else:

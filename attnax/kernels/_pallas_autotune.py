@@ -104,7 +104,9 @@ def _smem_bytes(config: PallasFlashConfig, D: int, Dv: int, itemsize: int) -> in
     return tiles * itemsize + 2 * config.block_q * 4 + 1024
 
 
-def default_candidates(query, value, *, kv_len: int, masked: bool) -> list[PallasFlashConfig]:
+def default_candidates(
+    query, value, *, kv_len: int, masked: bool, causal_only: bool = False
+) -> list[PallasFlashConfig]:
     """The heuristic default first, then ``block_q=64`` with 64/128/256-key tiles and 2 or 3 stages.
 
     Tiles longer than the (64-padded) keys and tilings over the shared-memory
@@ -118,7 +120,8 @@ def default_candidates(query, value, *, kv_len: int, masked: bool) -> list[Palla
         if bkv <= max(64, -(-kv_len // 64) * 64)
     ]
     fits = [c for c in grid if _smem_bytes(c, D, Dv, jnp.dtype(query.dtype).itemsize) <= _SMEM_BUDGET]
-    return list(dict.fromkeys([default_config(D, kv_len=kv_len, masked=masked), *fits]))
+    default = default_config(D, kv_len=kv_len, masked=masked, causal_only=causal_only)
+    return list(dict.fromkeys([default, *fits]))
 
 
 def _runner(query, key, value, kwargs: dict, config: PallasFlashConfig, grad: bool):
@@ -283,12 +286,12 @@ def autotune_pallas_config(
         )
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"`repeats` must be an int >= 1; got {repeats!r}.")
-    args, _, _, masked = _checked_call(query, key, value, **kwargs)  # argument errors surface here, not per candidate
+    args, _, _, tiling = _checked_call(query, key, value, **kwargs)  # argument errors surface here, not per candidate
     sig = signature(query, key, value, kwargs, grad=grad)
     if cache and (hit := _lookup(sig)) is not None:
         return hit
     if candidates is None:
-        candidates = default_candidates(query, value, kv_len=args.dims.S, masked=masked)
+        candidates = default_candidates(query, value, kv_len=args.dims.S, **tiling)
     candidates = _check_candidates(candidates)
     times, failures, first_error = {}, {}, None
     for config in candidates:
