@@ -1,28 +1,31 @@
-"""GPU diagnosis (session 10): what a score transform costs in the forward kernel.
+"""GPU diagnosis (sessions 10-11): what a score transform costs in the forward kernel.
 
 Times the D=128 causal forward at B=1 H=16 T=S=16384 with several transforms
 (interleaved, three rounds of 20-call runs) and counts, in the PTX Mosaic GPU
 dumps, the instructions that run at quarter rate on sm90 (int-to-float
-conversions, ex2, tanh).
+conversions, ex2, tanh). ``*_unfused`` variants run a prebuilt mod's plain
+``transform`` on the scaled scores; the others its fused ``scaled_transform``.
 
     python benchmarks/gpu_mod_costs.py          # GPU
+    python benchmarks/gpu_mod_costs.py bwd      # GPU, forward + backward (jax.vjp, cotangent of ones)
     INTERP=1 python benchmarks/gpu_mod_costs.py # CPU dry run (tiny shapes)
 """
 import glob
 import os
 import re
 import statistics
+import sys
 import tempfile
 
 DUMP = tempfile.mkdtemp(prefix="attnax-ptx-")
 INTERP = os.environ.get("INTERP") == "1"
+BWD = "bwd" in sys.argv[1:]
 if not INTERP:
     os.environ["MOSAIC_GPU_DUMP_TO"] = DUMP
 from typing import Any, ClassVar  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
 
 from attnax import score_mods as sm  # noqa: E402
 from attnax.kernels._pallas import pallas_flash_attention  # noqa: E402
@@ -31,18 +34,15 @@ from attnax.score_mods._base import AttentionMod, mod_dataclass  # noqa: E402
 from benchmarks._timing import median_ms  # noqa: E402
 
 
-def f32_of_small_int(x):
-    """float32 of int32 ``0 <= x < 2**23`` with two full-rate ops (no I2F)."""
-    return lax.bitcast_convert_type(x + jnp.int32(0x4B000000), jnp.float32) - jnp.float32(8388608.0)
-
-
 @mod_dataclass
-class AlibiMagic(AttentionMod):
-    slopes: Any
+class Unfused(AttentionMod):
+    """``inner``'s transform through the generic path (no fused form): the kernel code before session 11."""
+
+    inner: Any
     has_transform: ClassVar[bool] = True
 
     def transform(self, score, b, h, q_idx, kv_idx):
-        return score - self.slopes[h].astype(score.dtype) * f32_of_small_int(jnp.abs(q_idx - kv_idx))
+        return self.inner.transform(score, b, h, q_idx, kv_idx)
 
 
 @mod_dataclass
@@ -63,14 +63,14 @@ class IntToFloat(AttentionMod):  # one I2F per score, nothing else
 
 B, H, T, D = (1, 16, 16384, 128) if not INTERP else (1, 2, 256, 128)
 causal = sm.causal_mod()
-slopes = sm.alibi_mod(H).slopes if hasattr(sm.alibi_mod(H), "slopes") else None
 VARIANTS = {
     "causal": causal,
     "identity": sm.compose_score_mods(causal, Identity()),
     "i2f": sm.compose_score_mods(causal, IntToFloat()),
     "alibi": sm.compose_score_mods(causal, sm.alibi_mod(H)),
-    "alibi_magic": sm.compose_score_mods(causal, AlibiMagic(slopes)),
+    "alibi_unfused": sm.compose_score_mods(causal, Unfused(sm.alibi_mod(H))),
     "softcap": sm.compose_score_mods(causal, sm.softcap_mod(50.0)),
+    "softcap_unfused": sm.compose_score_mods(causal, Unfused(sm.softcap_mod(50.0))),
 }
 ks = jax.random.split(jax.random.key(0), 3)
 q, k, v = (jax.random.normal(kk, (B, H, T, D), jnp.bfloat16) for kk in ks)
@@ -86,8 +86,13 @@ fns, info = {}, {}
 ref_small = None
 for name, mod in VARIANTS.items():
     before = set(glob.glob(os.path.join(DUMP, "**", "*"), recursive=True))
-    fns[name] = jax.jit(lambda q, k, v, mod=mod: pallas_flash_attention(q, k, v, score_mod=mod, interpret=INTERP))
-    o = fns[name](q, k, v)
+    fwd = jax.jit(lambda q, k, v, mod=mod: pallas_flash_attention(q, k, v, score_mod=mod, interpret=INTERP))
+    if BWD:
+        fns[name] = jax.jit(lambda q, k, v, f=fwd: jax.vjp(f, q, k, v)[1](jnp.ones_like(q)))
+        fns[name](q, k, v)
+    else:
+        fns[name] = fwd
+    o = fwd(q, k, v)
     # correctness on a slice: rows [0, 256) against the float64 oracle
     r = attention_reference(*(x[:, :, :256].astype(jnp.float64) for x in (q, k, v)), score_mod=mod)
     err = float(jnp.max(jnp.abs(o[:, :, :256].astype(jnp.float64) - r)))
@@ -103,7 +108,8 @@ for _ in range(3 if not INTERP else 1):
     for name, f in fns.items():
         times[name].append(median_ms(f, (q, k, v), *((20, 5) if not INTERP else (1, 1))))
 base = statistics.median(times["causal"])
-print("\n# forward, B=1 H=16 T=S=16384 D=128, causal + transform (ms, median of 3 interleaved rounds)")
+what = "forward + backward" if BWD else "forward"
+print(f"\n# {what}, B=1 H=16 T=S=16384 D=128, causal + transform (ms, median of 3 interleaved rounds)")
 for name in fns:
     t = statistics.median(times[name])
     runs = " ".join(f"{x:.3f}" for x in times[name])

@@ -200,6 +200,52 @@ def test_softcap():
     assert softcap_mod(3.0).mask_mod is None
 
 
+class _FloatPositions:
+    """What a kernel passes as ``positions``: ``kv_idx - q_idx`` as float32 (here from the index grids)."""
+
+    def __init__(self, q_idx, kv_idx):
+        self.q_idx, self.kv_idx = q_idx, kv_idx
+        self.calls = 0
+
+    def relative(self):
+        self.calls += 1
+        return (self.kv_idx - self.q_idx).astype(jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["alibi", "alibi_causal", "softcap", "softcap_negative_cap", "softcap_array", "bias", "two_rewrites", "callable"],
+)
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_scaled_transform_matches_transform(name, with_positions):
+    """``t * factor`` of the fused form equals the mod's transform of the scaled scores."""
+    H, T, S, scale = 4, 7, 19, 0.125
+    rng = np.random.default_rng(hash(name) % 2**32)
+    raw = jnp.asarray(rng.normal(size=(T, S)) * 20.0, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(1, H, T, S)), jnp.float32)
+    mod = {
+        "alibi": alibi_mod(H),
+        "alibi_causal": compose_score_mods(causal_mod(), alibi_mod(slopes=jnp.asarray(rng.uniform(0.1, 2.0, H)))),
+        "softcap": softcap_mod(1.7),
+        "softcap_negative_cap": softcap_mod(jnp.asarray(-1.7, jnp.float32)),  # the form keeps factor > 0
+        "softcap_array": compose_score_mods(sliding_window_mod(4), softcap_mod(jnp.asarray(0.9, jnp.float32))),
+        "bias": additive_bias_mod(bias),
+        "two_rewrites": compose_score_mods(softcap_mod(2.0), alibi_mod(H)),
+        "callable": compose_score_mods(lambda s, b, h, q, k: s * 1.5 + h),
+    }[name]
+    q_idx, kv_idx = grid(T, S, q_offset=5)
+    positions = _FloatPositions(q_idx, kv_idx) if with_positions else None
+    for h in range(H):
+        want = as_np(mod.transform(raw * scale, 0, h, q_idx, kv_idx))
+        t, factor = mod.scaled_transform(raw, scale, 0, h, q_idx, kv_idx, positions)
+        assert np.all(np.asarray(factor) > 0)
+        np.testing.assert_allclose(as_np(t) * np.asarray(factor), want, rtol=2e-6, atol=2e-5)
+    if with_positions and name.startswith("alibi"):
+        assert positions.calls == H  # ALiBi's distances came from the float positions
+    # The fused form must be a real rewrite of the scores, not the identity:
+    assert not np.allclose(want, as_np(raw * scale), atol=1e-3)
+
+
 # --------------------------------------------------------------------------- composition
 
 

@@ -285,7 +285,7 @@ def _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st: _St
         """``(transform, mask_fn, keep_fn)`` in a kernel; each None when absent."""
         smod, kparts, drop = build(refs, ctx_getter, batch, prefixes, scalar_hook)
         return (
-            smod.transform if smod is not None else None,
+            common.KernelTransform(smod) if smod is not None else None,
             _combine_masks(kparts),
             drop.keep if drop is not None else None,
         )

@@ -238,6 +238,35 @@ class TileContext:
     tape: LoadTape | None = None
 
 
+    def relative(self):
+        """``kv_idx - q_idx`` as a float32 tile, from one float vector per axis.
+
+        One int-to-float conversion per row and per column instead of one per
+        score (exact for positions below 2**24). Tiles whose rows are
+        contiguous query positions only.
+        """
+        if self.q_layout != "contiguous":
+            raise NotImplementedError("relative positions need contiguous query rows")
+        low, qa = self.lowering, self.q_axis
+        q = (self.q_start + low.vector_iota(self.shape[qa], qa)).astype(jnp.float32)
+        kv = (self.kv_start + low.vector_iota(self.shape[1 - qa], 1 - qa)).astype(jnp.float32)
+        return low.broadcast(kv, self.shape, 1 - qa) - low.broadcast(q, self.shape, qa)
+
+
+class KernelTransform:
+    """A score mod's rewrite inside a kernel: ``mod.transform`` as a callable, plus its fused form."""
+
+    def __init__(self, mod):
+        self.mod = mod
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return self.mod.transform(score, b, h, q_idx, kv_idx)
+
+    def scaled(self, raw, scale, b, h, q_idx, kv_idx, positions=None):
+        """``(t, factor)`` of :meth:`attnax.score_mods.AttentionMod.scaled_transform`."""
+        return self.mod.scaled_transform(raw, scale, b, h, q_idx, kv_idx, positions)
+
+
 class LoadTape:
     """Leaf loads of one mod call, recorded and then replayed.
 
@@ -374,9 +403,10 @@ def online_softmax(s, m_i, l_i, acc):
 def softmax_step(s, m_i, l_i, scale: float = 1.0):
     """One score tile of the online softmax, in base 2: ``(p, m_new, l_new, alpha)``.
 
-    ``s * scale`` holds natural-log scores ``[rows, keys]`` (``scale > 0``: a
-    kernel without score transforms passes the raw ``Q K^T`` tile and its
-    softmax scale, which then costs no multiply of its own: it folds into the
+    ``s * scale`` holds natural-log scores ``[rows, keys]`` (``scale > 0``, a
+    Python float or a scalar: a kernel without score transforms passes the raw
+    ``Q K^T`` tile and its softmax scale, one with a transform the factor of the
+    mod's fused form; either costs no multiply of its own: it folds into the
     exponent's single multiply-add); ``m_i`` the running row maxima in base 2,
     ``l_i`` the running row sums. The caller rescales its accumulator by
     ``alpha`` (the row factors taking sums relative to the old maxima to the

@@ -299,17 +299,21 @@ def forward_kernel_call(
                 l_i = low.cast(jnp.zeros((bq,), jnp.float32), WGMMA_ROW)
 
                 def scores(j, is_partial, s):
-                    """The raw ``Q K^T`` tile through the mods and the mask: ``(s, tile context)``."""
-                    ctx = None
-                    if st.has_transform:  # the mods see scaled scores; else the scale folds into exp2
-                        s = s * st.scale
+                    """The raw ``Q K^T`` tile through the mods and the mask: ``(s, tile context, c)``.
+
+                    ``s * c`` are the natural-log scores: ``c`` is the softmax scale
+                    without a transform, else the factor of the mod's fused form
+                    (``scaled_transform``), and folds into the exponent either way.
+                    """
+                    ctx, c = None, st.scale
                     if st.has_transform or st.dropout or (need_mask and is_partial is not False):
                         kv_start = kv_off + j * bkv
                         q_idx = q_start + low.iota((bq, bkv), 0)
                         kv_idx = kv_start + low.iota((bq, bkv), 1)
                         ctx_box[0] = ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
                         if st.has_transform:
-                            s = transform(s, b_mod, h, q_idx, kv_idx).astype(jnp.float32)
+                            s, c = transform.scaled(s, st.scale, b_mod, h, q_idx, kv_idx, positions=ctx)
+                            s = s.astype(jnp.float32)
                         if need_mask:
 
                             def apply_mask(s):
@@ -325,11 +329,11 @@ def forward_kernel_call(
                                 s = apply_mask(s) if is_partial else s
                             else:
                                 s = lax.cond(is_partial, apply_mask, lambda s: s, s)
-                    return s, ctx
+                    return s, ctx, c
 
-                def probs(s, ctx, m_i, l_i):
+                def probs(s, ctx, c, m_i, l_i):
                     """``(p, m_new, l_new, alpha)`` of a score tile, ``p`` in the input dtype."""
-                    p, m_new, l_new, alpha = softmax_step(s, m_i, l_i, 1.0 if st.has_transform else st.scale)
+                    p, m_new, l_new, alpha = softmax_step(s, m_i, l_i, c)
                     if st.dropout:
                         # The normaliser keeps every weight; P V only the kept ones
                         # (scaled by 1 / (1 - rate) once, at the end).

@@ -104,22 +104,29 @@ def _tail_mask(mask_fn, kv_idx, S):
     return mask
 
 
-def _tile_scores(s, transform, unit, mask_fn, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx, leaves=None):
-    """Score-mod transform (with its VJP) and, on partial tiles, the mask: ``(s, vjp, derivatives)``.
+def _tile_scores(st, raw, transform, mask_fn, need_mask, is_partial, b, h, q_idx, kv_idx, ctx_box, ctx, leaves=None):
+    """Score-mod transform (with its VJP) and, on partial tiles, the mask: ``(s, c, vjp, derivatives)``.
 
-    ``leaves``: ``(build_transform, LeafSites, wanted sites)`` when this
-    kernel reduces leaf cotangents; ``derivatives`` then maps each wanted
-    site to its ``dt/dx`` tile (see :mod:`._pallas_mgpu_leaf_grads`).
+    ``raw`` is the ``Q K^T`` tile; the probabilities are ``exp2(s * c - lse2)``
+    (``c``: the base-2 exponent's factor, into which the softmax scale and a
+    mod's fused-form factor fold). ``leaves``: ``(build_transform, LeafSites,
+    wanted sites)`` when this kernel reduces leaf cotangents; ``derivatives``
+    then maps each wanted site to its ``dt/dx`` tile (see
+    :mod:`._pallas_mgpu_leaf_grads`).
     """
     ctx_box[0] = ctx
-    vjp, derivs = None, {}
+    vjp, derivs, c = None, {}, _exp2_coef(st)
+    s, unit = _scaled(st, raw), st.unit_derivative
     if leaves is not None:
         build_transform, sites, wanted = leaves
         s, slope, derivs = leaf_grads.tile_scores(build_transform, s, (b, h, q_idx, kv_idx), ctx, sites, wanted, unit)
         if slope is not None:
             vjp = lambda ds: (ds * slope,)  # noqa: E731
     elif transform is not None and unit:
-        s = transform(s, b, h, q_idx, kv_idx).astype(jnp.float32)
+        # d transform / d s == 1: no VJP, so the mod's fused form serves
+        # (AttentionMod.scaled_transform: its factor folds into the exponent).
+        s, factor = transform.scaled(raw, st.scale, b, h, q_idx, kv_idx, positions=ctx)
+        s, c = s.astype(jnp.float32), factor * _LOG2E
     elif transform is not None:
         # Score mods are elementwise in the score (the protocol), so their VJP is
         # a product with d transform / d score, which a forward-mode JVP gives.
@@ -134,7 +141,7 @@ def _tile_scores(s, transform, unit, mask_fn, need_mask, is_partial, b, h, q_idx
         vjp = lambda ds: (ds * slope,)  # noqa: E731
     if need_mask and mask_fn is not None:
         s = lax.cond(is_partial, lambda s: jnp.where(mask_fn(b, h, q_idx, kv_idx), s, -jnp.inf), lambda s: s, s)
-    return s, vjp, derivs
+    return s, c, vjp, derivs
 
 
 def _dropped(st: BwdStatic, keep, x):
@@ -298,16 +305,16 @@ def dq_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, build
                         low.mma(s_acc, q_smem, low.T(k_slot))
                         plgpu.barrier_wait(v_bar.at[slot])
                         low.mma(dp_acc, do_smem, low.T(v_slot))
-                        s = _scaled(st, low.read(s_acc, wait_n=1))
+                        raw = low.read(s_acc, wait_n=1)
                         q_idx = q_start + low.iota((bq, bkv), 0)
                         kv_idx = kv_start + low.iota((bq, bkv), 1)
                         ctx = TileContext(q_idx, kv_idx, q_start, kv_start, (bq, bkv), low)
                         mask = _tail_mask(mask_fn, kv_idx, kv_off + st.S if ragged else None)
-                        s, vjp, derivs = _tile_scores(
-                            s, transform, st.unit_derivative, mask, need_mask, is_partial,
+                        s, c, vjp, derivs = _tile_scores(
+                            st, raw, transform, mask, need_mask, is_partial,
                             b_mod, h, q_idx, kv_idx, ctx_box, ctx, leaves,
                         )  # fmt: skip
-                        p = jnp.exp2(s * _exp2_coef(st) - lax.broadcast_in_dim(lse_row, s.shape, [0]))
+                        p = jnp.exp2(s * c - lax.broadcast_in_dim(lse_row, s.shape, [0]))
                         keep = tile_keep(keep_fn, b_mod, h, ctx) if st.dropout else None
                         dp = _dropped(st, keep, low.read(dp_acc, wait_n=0))
                         plgpu.barrier_arrive(v_free.at[slot])
@@ -478,17 +485,17 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
                     low.mma(s_acc, k_smem, low.T(q_slot))
                     if want_dk:
                         low.mma(dp_acc, v_smem, low.T(do_slot))
-                    s = _scaled(st, low.read(s_acc, wait_n=int(want_dk)))  # keys x queries
+                    raw = low.read(s_acc, wait_n=int(want_dk))  # keys x queries
                     kv_idx = kv_row0 + low.iota((bkv, bq), 0)
                     q_idx = q_start + low.iota((bkv, bq), 1)
                     ctx = TileContext(q_idx, kv_idx, q_start, kv_row0, (bkv, bq), low, q_axis=1)
-                    s, vjp, derivs = _tile_scores(
-                        s, transform, st.unit_derivative, mask_fn, st.has_mask, is_partial,
+                    s, c, vjp, derivs = _tile_scores(
+                        st, raw, transform, mask_fn, st.has_mask, is_partial,
                         b_mod, h, q_idx, kv_idx, ctx_box, ctx, leaves,
                     )  # fmt: skip
                     lse_col = low.load(lse_smem.at[slot], WGMMA_COL)
                     delta_col = low.load(delta_smem.at[slot], WGMMA_COL)
-                    p = jnp.exp2(s * _exp2_coef(st) - lax.broadcast_in_dim(lse_col, s.shape, [1]))
+                    p = jnp.exp2(s * c - lax.broadcast_in_dim(lse_col, s.shape, [1]))
                     keep = tile_keep(keep_fn, b_mod, h, ctx) if st.dropout else None
                     if want_dv:
                         low.mma(dv_acc, _dropped(st, keep, p).astype(dtype), do_slot)

@@ -70,6 +70,24 @@ class AttentionMod:
         del b, h, q_idx, kv_idx
         return None
 
+    def scaled_transform(self, raw, scale, b, h, q_idx, kv_idx, positions=None):
+        """:meth:`transform` of ``raw * scale`` in a form a kernel can fuse: ``(t, factor)``.
+
+        ``t * factor`` equals ``transform(raw * scale, b, h, q_idx, kv_idx)`` up to
+        float32 rounding, and ``factor`` (a Python float or a scalar, > 0) is the
+        same for every score: the Pallas forward folds it into the softmax's
+        exponent, so a mod written this way saves the per-score products around
+        its rewrite. ``positions``, when a kernel passes one, has a method
+        ``relative()`` giving ``kv_idx - q_idx`` as a float32 tile built from one
+        vector per axis (no int-to-float conversion per score; exact for
+        positions below 2**24). Optional: the default is
+        ``(transform(raw * scale, ...), 1.0)``; prebuilt mods that override it
+        (:func:`~attnax.score_mods.softcap_mod`, :func:`~attnax.score_mods.alibi_mod`)
+        are tested against their :meth:`transform`.
+        """
+        del positions
+        return self.transform(raw * scale, b, h, q_idx, kv_idx), 1.0
+
     def block_classes(self, b, h, tiles):
         """Classifies tiles exactly from their position ranges, or returns None.
 
@@ -231,6 +249,12 @@ class ComposedMod(AttentionMod):
             if m.has_transform:
                 score = m.transform(score, b, h, q_idx, kv_idx)
         return score
+
+    def scaled_transform(self, raw, scale, b, h, q_idx, kv_idx, positions=None):
+        rewrites = [m for m in self.mods if m.has_transform]
+        if len(rewrites) == 1:  # masks leave scores alone: the one rewrite's own form
+            return rewrites[0].scaled_transform(raw, scale, b, h, q_idx, kv_idx, positions)
+        return super().scaled_transform(raw, scale, b, h, q_idx, kv_idx, positions)
 
     def mask(self, b, h, q_idx, kv_idx):
         out = None

@@ -80,6 +80,16 @@ class AlibiMod(AttentionMod):
         dist = jnp.abs(q_idx - kv_idx).astype(score.dtype)
         return score - self.slopes[h].astype(score.dtype) * dist
 
+    def scaled_transform(self, raw, scale, b, h, q_idx, kv_idx, positions=None):
+        # (raw - slope / scale * dist) * scale: one multiply-add per score, the
+        # scale folded into the kernel's exponent.
+        slope = self.slopes[h].astype(raw.dtype) * (1.0 / scale)
+        if positions is None:
+            dist = jnp.abs(q_idx - kv_idx).astype(raw.dtype)
+        else:
+            dist = jnp.abs(positions.relative())
+        return raw - slope * dist, scale
+
 
 @mod_dataclass
 class PrefixLMMod(AttentionMod):
@@ -170,6 +180,11 @@ class SoftcapMod(AttentionMod):
         # One reciprocal per call, then a product per score: a division per
         # score costs several instructions inside a kernel's tile loop.
         return cap * jnp.tanh(score * (1 / cap))
+
+    def scaled_transform(self, raw, scale, b, h, q_idx, kv_idx, positions=None):
+        # cap * tanh(s / cap) is even in cap: |cap| keeps the factor positive.
+        cap = jnp.abs(jnp.asarray(self.cap, dtype=raw.dtype))
+        return jnp.tanh(raw * (scale / cap)), cap
 
 
 def causal_mod() -> CausalMod:
