@@ -105,11 +105,13 @@ def forward_kernel_call(
         lists = ()
     low = Lowering(st.interpret)
     # Two query tiles per CTA (QueryTiles) when a separate output buffer fits and
-    # the mods neither transform scores nor read arrays: measured on H100, pairing
-    # made the plain and causal forward 4-10% faster but ALiBi 19%, soft-capping
-    # 9% and packed documents 22% slower (the backward's dQ kernel gains with all).
+    # no mod transforms scores. Measured on H100: pairing made the plain and
+    # causal forward 4-10% faster; with mods, after the pipelined walk and the
+    # fused forms (benchmarks/gpu_pairing.py, D=128 16k): packed documents 5%
+    # faster (they read a mod array), ALiBi 1% and soft-capping 13% slower (the
+    # backward's dQ kernel gains with all).
     smem = (2 * bq * (D + Dv) + stages * bkv * (D + Dv)) * jnp.dtype(dtype).itemsize + 2 * bq * 4
-    tiles = QueryTiles(nq, smem <= PAIRED_SMEM and not st.has_transform and not n_ops)
+    tiles = QueryTiles(nq, smem <= PAIRED_SMEM and not st.has_transform)
     paired = tiles.paired
     # The pipelined walk (see pipelined_walk) keeps a score tile, two
     # probability tiles and the output accumulator in registers at once: up to
