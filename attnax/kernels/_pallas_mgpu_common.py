@@ -237,7 +237,6 @@ class TileContext:
     q_layout: str = "contiguous"
     tape: LoadTape | None = None
 
-
     def relative(self):
         """``kv_idx - q_idx`` as a float32 tile, from one float vector per axis.
 

@@ -75,9 +75,10 @@ class AttentionMod:
 
         ``t * factor`` equals ``transform(raw * scale, b, h, q_idx, kv_idx)`` up to
         float32 rounding, and ``factor`` (a Python float or a scalar, > 0) is the
-        same for every score: the Pallas forward folds it into the softmax's
-        exponent, so a mod written this way saves the per-score products around
-        its rewrite. ``positions``, when a kernel passes one, has a method
+        same for every score: the Pallas kernels fold it into the softmax's
+        exponent (the forward always, the backward for mods whose score
+        derivative is 1), so a mod written this way saves the per-score
+        products around its rewrite. ``positions``, when a kernel passes one, has a method
         ``relative()`` giving ``kv_idx - q_idx`` as a float32 tile built from one
         vector per axis (no int-to-float conversion per score; exact for
         positions below 2**24). Optional: the default is
