@@ -707,15 +707,16 @@ class AttentionConformance:
         kw = {"score_mod": sliding_window_mod((9, 3)), "q_offset": 5}
         cases = {
             "typed_key": ((q, k, v), {**kw, **self.dropout_kw(jax.random.key(3))}),
-            "raw_key": ((q, k, v), {**kw, **self.dropout_kw(jax.random.PRNGKey(3))}),
             "rate_0.9": ((q, k, v), {"score_mod": causal_mod(), **self.dropout_kw(jax.random.key(4), 0.9)}),
         }
         if self.supports_float64:
             q64 = self.qkv(72, 1, 2, 2, 17, 23, 8, dtype=F64)
             cases["float64_alibi"] = (q64, {"score_mod": alibi_mod(2), **self.dropout_kw(jax.random.key(5), 0.5)})
         res = self.check_cases(cases)
-        # jax.random.key(n) and PRNGKey(n) hold the same key data.
-        np.testing.assert_array_equal(res["typed_key"].out, res["raw_key"].out)
+        # jax.random.key(n) and PRNGKey(n) hold the same key data: the same mask (the
+        # backward regenerates it from the same seed, so the forward is the check).
+        raw = self.check_cases({"raw_key": ((q, k, v), {**kw, **self.dropout_kw(jax.random.PRNGKey(3))})}, grads=False)
+        np.testing.assert_array_equal(res["typed_key"].out, raw["raw_key"].out)
 
     def test_dropout_statistics(self):
         self.require("dropout")
