@@ -181,3 +181,16 @@ def median_ms(fn, args, n: int = 20, reps: int = 5) -> float:
 
     jax.block_until_ready(fn(*args))
     return statistics.median(_jax_run_s(fn, args, n) for _ in range(reps)) * 1e3
+
+
+def interleaved_ms(fns: dict, args, rounds: int = 3, n: int = 20, reps: int = 5) -> dict:
+    """``{name: [ms of each round]}``: :func:`median_ms` of every ``fns[name]``, the variants interleaved.
+
+    Each round times every variant once, in order, so drift of a shared GPU
+    falls on all of them alike; callers take the median over the rounds.
+    """
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_ms(fn, args, n, reps))
+    return times

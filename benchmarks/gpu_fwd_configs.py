@@ -20,7 +20,7 @@ import numpy as np
 
 from attnax.kernels import causal_mod
 from attnax.kernels._pallas import PallasFlashConfig, pallas_flash_attention
-from benchmarks._timing import median_ms
+from benchmarks._timing import interleaved_ms, median_ms
 
 INTERP = os.environ.get("INTERP") == "1"
 SHAPES = [(8, 2048), (4, 4096), (2, 8192), (1, 16384)] if not INTERP else [(1, 256)]
@@ -120,10 +120,7 @@ def mod_tilings():
                     q, k, v, score_mod=mod, block_sizes=cfg, interpret=INTERP))
         outs = {n: np.asarray(f(q, k, v).astype(jnp.float32)) for n, f in fns.items()}
         first = outs[next(iter(outs))]
-        times = {n: [] for n in fns}
-        for _ in range(3 if not INTERP else 1):
-            for n, f in fns.items():
-                times[n].append(median_ms(f, (q, k, v), *((20, 5) if not INTERP else (1, 1))))
+        times = interleaved_ms(fns, (q, k, v), *((3, 20, 5) if not INTERP else (1, 1, 1)))
         for n in fns:
             rows.append(f"{name:10s} {n:10s} {statistics.median(times[n]):8.3f} ms  "
                         f"max|diff| to the first {float(np.max(np.abs(outs[n] - first))):.2g}")

@@ -31,7 +31,7 @@ from attnax import score_mods as sm  # noqa: E402
 from attnax.kernels._pallas import pallas_flash_attention  # noqa: E402
 from attnax.reference import attention_reference  # noqa: E402
 from attnax.score_mods._base import AttentionMod, mod_dataclass  # noqa: E402
-from benchmarks._timing import median_ms  # noqa: E402
+from benchmarks._timing import interleaved_ms  # noqa: E402
 
 
 @mod_dataclass
@@ -103,10 +103,7 @@ for name, mod in VARIANTS.items():
     info[name] = f"err {err:.3g} " + (ptx_counts(ptx) if ptx else "(no ptx)")
     print(name, info[name], flush=True)
 
-times = {n: [] for n in fns}
-for _ in range(3 if not INTERP else 1):
-    for name, f in fns.items():
-        times[name].append(median_ms(f, (q, k, v), *((20, 5) if not INTERP else (1, 1))))
+times = interleaved_ms(fns, (q, k, v), *((3, 20, 5) if not INTERP else (1, 1, 1)))
 base = statistics.median(times["causal"])
 what = "forward + backward" if BWD else "forward"
 print(f"\n# {what}, B=1 H=16 T=S=16384 D=128, causal + transform (ms, median of 3 interleaved rounds)")

@@ -21,7 +21,7 @@ from attnax import score_mods as sm
 from attnax.kernels import _pallas_mgpu_sm90 as sm90
 from attnax.kernels._pallas import pallas_flash_attention
 from attnax.reference import attention_reference
-from benchmarks._timing import median_ms
+from benchmarks._timing import interleaved_ms
 
 INTERP = os.environ.get("INTERP") == "1"
 B, H, T, D = (1, 16, 16384, 128) if not INTERP else (1, 2, 512, 128)
@@ -50,10 +50,7 @@ for name, mod in MODS.items():
         fns[(name, forced)] = f
         print(name, "paired" if forced else "default", f"err {err:.3g}", flush=True)
 FORCE[0] = False
-times = {n: [] for n in fns}
-for _ in range(3 if not INTERP else 1):
-    for key, f in fns.items():
-        times[key].append(median_ms(f, (q, k, v), *((20, 5) if not INTERP else (1, 1))))
+times = interleaved_ms(fns, (q, k, v), *((3, 20, 5) if not INTERP else (1, 1, 1)))
 print(f"\n# forward, B={B} H={H} T=S={T} D={D} (ms, median of 3 interleaved rounds)")
 print("| case | default | paired forced | default / paired |")
 print("|---|---|---|---|")
