@@ -372,6 +372,7 @@ class AttentionConformance:
     )
     #: The shape of the per-mod cases (B must be 2: some cases have per-batch arrays; S > T).
     mod_shape: ClassVar[tuple] = (2, 4, 2, 19, 27, 8)
+    dropout_shape: ClassVar[tuple] = (2, 4, 2, 21, 37, 8)  # (B, H, Hk, T, S, D) of test_dropout_matches_oracle
     #: ``{group: [case names]}`` to run fewer cases of some ``MOD_CASES``
     #: groups (slow interpreted kernels); None runs every case.
     mod_case_subset: ClassVar[dict | None] = None
@@ -703,7 +704,7 @@ class AttentionConformance:
 
     def test_dropout_matches_oracle(self):
         self.require("dropout")
-        q, k, v = self.qkv(71, 2, 4, 2, 21, 37, 8)
+        q, k, v = self.qkv(71, *self.dropout_shape)
         kw = {"score_mod": sliding_window_mod((9, 3)), "q_offset": 5}
         cases = {
             "typed_key": ((q, k, v), {**kw, **self.dropout_kw(jax.random.key(3))}),

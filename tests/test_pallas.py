@@ -91,6 +91,8 @@ class TestPallasInterpret(_PallasCases):
     kernel = staticmethod(pallas_flash_attention)
     kernel_options = {"interpret": True}
     mod_shape = (2, 2, 1, 19, 27, 8)  # B = 2 for the per-batch cases; fewer heads to interpret
+    shapes = ((2, 2, 1, 37, 53, 16), (1, 2, 1, 5, 140, 8))  # GQA and ragged tails, half the heads of the GPU's
+    dropout_shape = (2, 2, 1, 21, 37, 8)
     mod_case_subset = None if os.environ.get("ATTNAX_PALLAS_FULL") else _CI_MOD_CASES
 
 
@@ -326,7 +328,7 @@ def _check_bshd_layout(interpret: bool, shape):
 
 def test_bshd_layout_reads_and_writes_in_place():
     """layout='BSHD': [B, S, H, D] in and out (gradients too), GQA, ragged lengths, dropout."""
-    _check_bshd_layout(True, (2, 4, 2, 37, 53, 16))
+    _check_bshd_layout(True, (2, 2, 1, 37, 53, 16))
 
 
 @pytest.mark.gpu
@@ -340,7 +342,7 @@ def test_nested_vmap_of_grad_over_per_example_mod_leaves():
     Each kernel (forward, dQ, dK/dV) is one launch over the folded batch; the
     mods see the user's batch index and read their leaves at the example's row.
     """
-    M, N, B, H, Hk, T, S, D = 2, 2, 2, 2, 1, 21, 37, 16
+    M, N, B, H, Hk, T, S, D = 2, 2, 2, 1, 1, 21, 37, 16  # one head: the interpreted kernels' time
     rng = np.random.default_rng(7)
     bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)  # noqa: E731
     q, ct = bf16(M, N, B, H, T, D), bf16(M, N, B, H, T, D)
