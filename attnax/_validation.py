@@ -148,7 +148,9 @@ def check_dropout(dropout_rate, dropout_rng, deterministic) -> tuple[float, Any]
     if not hasattr(dropout_rng, "dtype"):
         raise TypeError(f"`dropout_rng` must be a JAX PRNG key; got {type(dropout_rng).__name__}.")
     if not (jnp.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key) or dropout_rng.dtype == jnp.uint32):
-        raise TypeError(f"`dropout_rng` must be a PRNG key (jax.random.key) or uint32 key data; got {dropout_rng.dtype}.")
+        raise TypeError(
+            f"`dropout_rng` must be a PRNG key (jax.random.key) or uint32 key data; got {dropout_rng.dtype}."
+        )
     return float(dropout_rate), dropout_rng
 
 
@@ -185,7 +187,9 @@ def check_window_size(window_size) -> tuple[int, int]:
     if isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(map(is_int, window_size)):
         left, right = (int(x) for x in window_size)
         if left < -1 or right < -1:
-            raise ValueError(f"`window_size` (left, right) entries must be >= -1 (-1 = unbounded); got {tuple(window_size)}.")
+            raise ValueError(
+                f"`window_size` (left, right) entries must be >= -1 (-1 = unbounded); got {tuple(window_size)}."
+            )
         return left, right
     raise ValueError(f"`window_size` must be an int W or a (left, right) pair of ints; got {window_size!r}.")
 
@@ -219,7 +223,9 @@ def check_attention_args(
         from attnax.block_mask import BlockMask
 
         if not isinstance(block_mask, BlockMask):
-            raise TypeError(f"`block_mask` must be an attnax BlockMask (create_block_mask); got {type(block_mask).__name__}.")
+            raise TypeError(
+                f"`block_mask` must be an attnax BlockMask (create_block_mask); got {type(block_mask).__name__}."
+            )
         block_mask.check_compatible(dims)
     return AttentionArgs(
         dims=dims,

@@ -7,13 +7,10 @@ kernel (score mods, GQA, RoPE, a decode-mode KV cache);
 """
 
 from attnax.nn._attention import MultiHeadAttention
-from attnax.nn._cache import CacheView
-from attnax.nn._cache import ContiguousKVCache
-from attnax.nn._cache import DecodeCache
+from attnax.nn._cache import CacheView, ContiguousKVCache, DecodeCache
 from attnax.nn._flax_adapter import as_flax_attention_fn
 from attnax.nn._paged_cache import PagedDecodeCache
-from attnax.nn._rope import RoPE
-from attnax.nn._rope import apply_rope
+from attnax.nn._rope import RoPE, apply_rope
 from attnax.nn._types import AttentionType
 
 __all__ = [

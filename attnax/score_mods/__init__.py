@@ -6,21 +6,25 @@ learnable ones. Mask-type mods (causal, windows, prefix-LM, documents) carry
 their mask, which kernels use to skip fully hidden blocks.
 """
 
-from attnax.score_mods._base import AttentionMod
-from attnax.score_mods._base import and_masks
-from attnax.score_mods._base import compose_score_mods
-from attnax.score_mods._base import mask_mod_to_boolean_mask
-from attnax.score_mods._base import mask_mod_to_score_mod
-from attnax.score_mods._base import or_masks
-from attnax.score_mods._base import split_score_mod
-from attnax.score_mods._prebuilt import additive_bias_mod
-from attnax.score_mods._prebuilt import alibi_mod
-from attnax.score_mods._prebuilt import alibi_slopes
-from attnax.score_mods._prebuilt import causal_mod
-from attnax.score_mods._prebuilt import document_mask_mod
-from attnax.score_mods._prebuilt import prefix_lm_mod
-from attnax.score_mods._prebuilt import sliding_window_mod
-from attnax.score_mods._prebuilt import softcap_mod
+from attnax.score_mods._base import (
+    AttentionMod,
+    and_masks,
+    compose_score_mods,
+    mask_mod_to_boolean_mask,
+    mask_mod_to_score_mod,
+    or_masks,
+    split_score_mod,
+)
+from attnax.score_mods._prebuilt import (
+    additive_bias_mod,
+    alibi_mod,
+    alibi_slopes,
+    causal_mod,
+    document_mask_mod,
+    prefix_lm_mod,
+    sliding_window_mod,
+    softcap_mod,
+)
 
 __all__ = [
     "AttentionMod",
