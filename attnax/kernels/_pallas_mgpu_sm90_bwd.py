@@ -52,9 +52,6 @@ _REGISTERS = (240, 24)
 # Shared memory a kernel may plan for: the H100's 227 KiB, less what Mosaic GPU
 # adds (barriers, reduction scratch: about 5 KiB measured).
 _SMEM_BUDGET = 227 * 1024 - 8 * 1024
-# The dK/dV grid's outer axis: key tiles ("kv": CTAs launch heaviest key tile
-# first across all heads) or heads ("heads": key tiles in order within each head).
-_DKV_OUTER = "heads"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -597,8 +594,8 @@ def dkv_kernel_call(q, k, v, do, lse2, delta, offsets, lists, mod_operands, buil
             *[jax.ShapeDtypeStruct((B, H, Sp), jnp.float32)] * n_rows,
         ),
         scratch_types=scratch,
-        grid=(nkt, Hk, B) if _DKV_OUTER == "kv" else (Hk, nkt, B),
-        grid_names=("kv_seq", "heads", "batch") if _DKV_OUTER == "kv" else ("heads", "kv_seq", "batch"),
+        grid=(Hk, nkt, B),
+        grid_names=("heads", "kv_seq", "batch"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
