@@ -520,3 +520,85 @@ def test_head_dim_256_backward():
 @pytest.mark.parametrize("D", [192, 256])
 def test_head_dim_256_backward_compiled(D):
     _wide_heads_vs_oracle(2, 4, 2, 300, 700, D, interpret=False)
+
+
+def test_persistent_tiles_deal_every_query_tile_once():
+    """A persistent grid's CTAs take every (batch row, head, query tile) exactly once, in heavy/light pairs."""
+    from attnax.kernels._pallas_mgpu_common import PersistentTiles
+
+    for B, H, nq, workers in ((1, 1, 1, 132), (2, 3, 5, 4), (1, 16, 128, 132), (3, 1, 7, 2), (1, 2, 6, 5)):
+        tiles = PersistentTiles(B, H, nq, workers)
+        ctas = jnp.arange(tiles.n_ctas)
+        counts = np.asarray(jax.vmap(lambda c, t=tiles: t.count(), axis_name="cta")(ctas))
+        most = int(counts.max())
+        items = jax.vmap(lambda c, t=tiles, m=most: [t.item(n) for n in range(m)], axis_name="cta")(ctas)
+        seen = [
+            tuple(int(x[c]) for x in items[n]) for c in range(tiles.n_ctas) for n in range(int(counts[c]))
+        ]
+        want = [(b, h, qi) for b in range(B) for h in range(H) for qi in range(nq)]
+        assert sorted(seen) == want, (B, H, nq, workers)
+        assert counts.min() >= 1 and tiles.n_ctas <= workers
+        if nq % 2 == 0:  # pairs stay within a row: the heaviest with the lightest
+            for c in range(tiles.n_ctas):
+                for n in range(0, int(counts[c]) - 1, 2):
+                    assert int(items[n][2][c]) + int(items[n + 1][2][c]) == nq - 1
+
+
+def test_forward_walk_bound():
+    """The static bound on a forward CTA's key tiles (it picks the persistent grid) holds for windows."""
+    import types
+
+    from attnax.kernels import _pallas
+    from attnax.score_mods import and_masks, or_masks
+
+    cfg = _pallas.PallasFlashConfig()  # 2 x 64 query rows, 128-key tiles
+    dims = types.SimpleNamespace(S=16384)
+    bound = lambda *parts: _pallas._forward_walk_bound(parts, dims, cfg)  # noqa: E731
+    window = sliding_window_mod((1023, 0))
+    assert bound(window, None, None) == 10
+    assert bound(compose_score_mods(causal_mod(), window), None, None) == 10
+    assert bound(None, and_masks(window, lambda b, h, q, k: k >= 0), None) == 10
+    assert bound(causal_mod(), sliding_window_mod((100, 100)), None) == 4
+    assert bound(causal_mod(), None, None) == 128
+    assert bound(sliding_window_mod((1023, -1)), None, None) == 128
+    assert bound(None, or_masks(window, lambda b, h, q, k: k == 0), None) == 128
+    assert _pallas._forward_walk_bound((None, None, None), types.SimpleNamespace(S=1000), cfg) == 8
+    # An upper bound on the tiles a CTA really visits, whatever the offset.
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        left, right, q_offset = (int(x) for x in rng.integers(0, 700, 3))
+        mod = sliding_window_mod((left, right))
+        bm = create_block_mask(mod.mask_mod, None, None, 1024, 2048, block_size=(128, 128), q_offset=q_offset)
+        visits = np.asarray(bm.to_dense()).reshape(1024 // 128, 128, 2048 // 128, 128).any(axis=(1, 3)).sum(-1)
+        b = _pallas._forward_walk_bound((mod, None, None), types.SimpleNamespace(S=2048), cfg)
+        assert visits.max() <= b, (left, right, q_offset, visits.max(), b)
+
+
+def test_persistent_and_per_pair_grids_agree_with_the_oracle(monkeypatch):
+    """The forward on the persistent grid and on the per-pair grid (forced both ways), against the float64
+    oracle: packed documents (causal within each), and a query tile that sees no key at all."""
+    from attnax.kernels import _pallas
+
+    B, H, T, D = 2, 1, 300, 128  # six query tiles: three pairs, two CTAs interpreted (one takes two pairs)
+    q, k, v = random_qkv(21, B, H, 1, T, T, D, dtype=jnp.bfloat16)
+    ids = jnp.asarray(np.repeat(np.arange(3), 100), jnp.int32)
+
+    def gaps(b, h, q_idx, kv_idx):  # query rows 128-255 (one CTA's tile) see nothing
+        return jnp.logical_and(kv_idx <= q_idx, (q_idx < 128) | (q_idx >= 256))
+
+    cases = {
+        "documents": {"score_mod": compose_score_mods(causal_mod(), document_mask_mod(ids))},
+        "gaps": {"mask_mod": gaps},
+    }
+    for name, kw in cases.items():
+        ref, ref_lse = attention_reference(*to64(q, k, v), return_lse=True, **kw)
+        ref = np.nan_to_num(np.asarray(ref))
+        for max_walk in (0, 10**6):  # per-pair grid, persistent grid
+            monkeypatch.setattr(_pallas, "_PERSISTENT_MAX_WALK", max_walk)
+            out, lse = pallas_flash_attention(q, k, v, interpret=True, return_lse=True, **kw)
+            what = f"{name}, max walk {max_walk}"
+            np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2, err_msg=what)
+            np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(np.asarray(ref_lse)), err_msg=what)
+            fin = np.isfinite(np.asarray(ref_lse))
+            lse64, ref_lse = np.asarray(lse, np.float64), np.asarray(ref_lse)
+            np.testing.assert_allclose(lse64[fin], ref_lse[fin], atol=2e-2, err_msg=what)

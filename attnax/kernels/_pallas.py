@@ -21,8 +21,16 @@ from attnax.kernels import _pallas_mgpu_common as common
 from attnax.kernels import _pallas_mgpu_leaf_grads as leaf_grads
 from attnax.kernels import _pallas_mgpu_sm90 as sm90
 from attnax.kernels import _pallas_mgpu_sm90_bwd as sm90_bwd
-from attnax.score_mods._base import AttentionMod, ComposedMod, _as_mask_mod, _as_score_mod, and_masks, mod_dataclass
-from attnax.score_mods._prebuilt import CausalMod, leaf_at
+from attnax.score_mods._base import (
+    AttentionMod,
+    ComposedMod,
+    _AndMask,
+    _as_mask_mod,
+    _as_score_mod,
+    and_masks,
+    mod_dataclass,
+)
+from attnax.score_mods._prebuilt import CausalMod, SlidingWindowMod, leaf_at
 
 __all__ = ["PallasFlashConfig", "pallas_flash_attention"]
 
@@ -305,6 +313,34 @@ def _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st: _St
     )  # fmt: skip
 
 
+#: Forward walks of at most this many key tiles run on a persistent grid (see
+#: ``forward_kernel_call``: measured faster for walks of 8-16 tiles, no gain
+#: from 32 tiles on).
+_PERSISTENT_MAX_WALK = 16
+
+
+def _key_span(mod) -> int | None:
+    """How many consecutive keys a query can see at most, when a mask states it statically
+    (a sliding window bounded on both sides, alone or ANDed with other masks); else None."""
+    if isinstance(mod, SlidingWindowMod):
+        return mod.left + mod.right + 1 if mod.left >= 0 and mod.right >= 0 else None
+    if isinstance(mod, (ComposedMod, _AndMask)):
+        spans = [s for s in (_key_span(m) for m in mod.mods) if s is not None]
+        return min(spans) if spans else None
+    return None
+
+
+def _forward_walk_bound(parts, d, cfg: PallasFlashConfig) -> int:
+    """An upper bound on the key tiles one forward CTA (``2 * block_q`` query rows) visits."""
+    n_tiles = -(-d.S // cfg.block_kv)
+    spans = [s for s in (_key_span(p) for p in parts if p is not None) if s is not None]
+    if not spans:
+        return n_tiles
+    # The CTA's rows see a run of min(spans) + 2 * block_q - 1 keys, which may
+    # straddle one more tile boundary than its length needs.
+    return min(n_tiles, -(-(min(spans) + 2 * cfg.block_q - 1) // cfg.block_kv) + 1)
+
+
 def _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st: _Static):
     d, cfg = st.dims, st.config
     pr = _prepare(q_offset, kv_offset, score_mod, mask_mod, block_mask, seed, st)
@@ -318,7 +354,8 @@ def _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed
         block_q=cfg.block_q, block_kv=cfg.block_kv, num_stages=cfg.num_stages, scale=st.scale, T=d.T, S=d.S,
         group=d.group, has_transform=pr.has_transform, has_mask=pr.mask_fn is not None, sparse=pr.sparse,
         mask_tail=d.S % cfg.block_kv != 0, dropout=st.dropout_rate, interpret=st.interpret, bshd=st.bshd,
-        mod_batch=d.B,
+        mod_batch=d.B, workers=common.persistent_workers(st.interpret),
+        persistent=_forward_walk_bound(pr.parts, d, cfg) <= _PERSISTENT_MAX_WALK,
     )  # fmt: skip
     interpret = common.interpret_params() if st.interpret else None
     out, lse = common.vmappable_call(

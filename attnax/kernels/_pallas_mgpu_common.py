@@ -452,6 +452,72 @@ class QueryTiles:
         return jnp.where(i == 0, heavy, cta) if self.paired else heavy
 
 
+def persistent_workers(interpret: bool) -> int:
+    """CTAs of a persistent launch: the default device's SM count (two interpreted, so that small
+    test shapes give a CTA several pairs of query tiles)."""
+    if interpret:
+        return 2
+    n = getattr(jax.devices()[0], "core_count", None)
+    return int(n) if n else 132
+
+
+class GridTiles:
+    """The query tiles of a ``(heads, query tiles, batch)`` grid (:class:`QueryTiles` along the middle axis)."""
+
+    grid_names = ("heads", "q_seq", "batch")
+
+    def __init__(self, tiles: QueryTiles, B: int, H: int):
+        self.tiles = tiles
+        self.grid = (H, tiles.n_ctas, B)
+
+    def count(self):
+        return self.tiles.count(lax.axis_index("q_seq"))
+
+    def item(self, n):
+        """``(b, h, qi)`` of this CTA's ``n``-th query tile."""
+        return lax.axis_index("batch"), lax.axis_index("heads"), self.tiles.tile(lax.axis_index("q_seq"), n)
+
+
+class PersistentTiles:
+    """Every ``(b, h, query tile)`` dealt out to a fixed number of CTAs (a persistent grid).
+
+    The tiles are ordered by head, then batch row, then the order of
+    :class:`QueryTiles` (heaviest, lightest, next heaviest, ...), so that
+    consecutive tiles share K/V (and CTAs running at the same time share the
+    L2-resident K/V of a few heads); CTA ``c`` takes the pairs of consecutive
+    tiles ``c, c + n_ctas, c + 2 n_ctas, ...``. Under a causal mask every pair
+    but those split across two rows holds the same work.
+    """
+
+    grid_names = ("cta",)
+
+    def __init__(self, B: int, H: int, nq: int, workers: int):
+        self.B, self.nq = B, nq
+        self.n_tiles = B * H * nq
+        self.n_pairs = -(-self.n_tiles // 2)
+        self.n_ctas = max(1, min(workers, self.n_pairs))
+        self.grid = (self.n_ctas,)
+
+    def count(self):
+        """How many tiles this CTA takes (traced; at least one)."""
+        i32 = jnp.int32
+        c, g = lax.axis_index("cta").astype(i32), i32(self.n_ctas)
+        pairs = lax.div(i32(self.n_pairs) - c + g - i32(1), g)
+        lone_last = (self.n_tiles % 2 == 1) & (c + (pairs - i32(1)) * g == i32(self.n_pairs - 1))
+        return i32(2) * pairs - lone_last.astype(i32)
+
+    def item(self, n):
+        """``(b, h, qi)`` of this CTA's ``n``-th tile."""
+        i32 = jnp.int32
+        c, g, n = lax.axis_index("cta").astype(i32), i32(self.n_ctas), jnp.asarray(n, i32)
+        w = i32(2) * (c + lax.div(n, i32(2)) * g) + lax.rem(n, i32(2))
+        hb, r = lax.div(w, i32(self.nq)), lax.rem(w, i32(self.nq))
+        h, b = lax.div(hb, i32(self.B)), lax.rem(hb, i32(self.B))
+        half = lax.div(r, i32(2))
+        qi = jnp.where(lax.rem(r, i32(2)) == 0, i32(self.nq - 1) - half, half)
+        return b, h, qi
+
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 

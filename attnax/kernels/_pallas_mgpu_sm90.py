@@ -31,7 +31,9 @@ from attnax.kernels._pallas_mgpu_common import (
     PAIRED_SMEM,
     WGMMA,
     WGMMA_ROW,
+    GridTiles,
     Lowering,
+    PersistentTiles,
     QueryTiles,
     TileContext,
     TileWalk,
@@ -70,6 +72,8 @@ class FwdStatic:
     dropout: float = 0.0  # the dropout rate (0: off)
     bshd: bool = False  # q, k, v and out are [B, S, H, D] (else [B, H, S, D])
     mod_batch: int | None = None  # the user's batch size (vmap folds its axes into the batch); None: B
+    persistent: bool = False  # paired query tiles on a persistent grid (for short walks)
+    workers: int = 132  # CTAs of a persistent launch (the GPU's SM count)
 
 
 def forward_kernel_call(
@@ -124,6 +128,14 @@ def forward_kernel_call(
     # keep the serial walk.
     need_mask = st.has_mask or st.mask_tail
     pipelined = bkv <= 128 and Dv <= 128 and (Dv > 64 or not need_mask)
+    # Short walks run on a persistent grid (``st.persistent``: one CTA per SM,
+    # each taking pairs of query tiles in turn): a CTA's launch and first
+    # loads are then paid once per SM instead of once per pair. Measured on
+    # H100 (benchmarks/gpu_persist_diag.py, D=128, five interleaved rounds):
+    # 1024-key window at 16k 5.5%, causal 2k B=8 5.0%, 1024 keys past 16k
+    # queries 6.7%, unmasked 2k B=8 0.9% faster; long walks gain nothing
+    # (causal 4k 0.5%, causal 16k none, unmasked 16k 2-6% slower in three runs).
+    work = PersistentTiles(B, H, nq, st.workers) if paired and st.persistent else GridTiles(tiles, B, H)
 
     def kernel(*refs):
         q_ref, k_ref, v_ref, qoff_ref = refs[:4]
@@ -135,20 +147,12 @@ def forward_kernel_call(
         q_smem2, k_smem, v_smem, lse_smem2 = smems[:4]
         o_smem2 = smems[4] if paired else None
 
-        b = lax.axis_index("batch")
-        b_mod = mod_batch_index(b, B, st.mod_batch or B)  # the batch row the mods see
-        h = lax.axis_index("heads")
         wg = lax.axis_index("wg")
-        hk = lax.div(h, jnp.array(st.group, h.dtype))
-        # Heaviest query tiles first: with causal masks the last tiles visit the
-        # most kv tiles, and launching them early shortens the tail.
-        cta = lax.axis_index("q_seq")
-        n_items = tiles.count(cta)
+        # Heaviest query tiles first (QueryTiles): with causal masks the last
+        # tiles visit the most kv tiles, and launching them early shortens the tail.
+        n_items = work.count()
 
-        def item_qi(i):
-            return tiles.tile(cta, i)
-
-        def tile_walk(qi):
+        def tile_walk(b, h, qi):
             return TileWalk(nk, st.mask_tail, *list_refs, index=(b, h, qi)) if st.sparse else TileWalk(nk, st.mask_tail)
 
         def sched_sync():
@@ -161,17 +165,15 @@ def forward_kernel_call(
             q_smem = q_smem2.at[wg]
             o_smem = o_smem2.at[wg] if paired else q_smem
             lse_smem = lse_smem2.at[wg]
-            kv_off = qoff_ref[B + b]
-            ctx_box = [None]
-            transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0], b)
 
-            def load_q(qi):
+            def load_q(i):
+                b, h, qi = work.item(i)
                 rows = pl.ds(qi * (2 * bq) + wg * bq, bq)
                 plgpu.copy_gmem_to_smem(slab(q_ref, b, h, rows, st.bshd), q_smem, q_bar.at[wg])
 
-            load_q(item_qi(0))
+            load_q(0)
 
-            def serial_walk(qi, t, scores, probs, m_i, l_i):
+            def serial_walk(walk, t, scores, probs, m_i, l_i):
                 """Each tile's ``P V`` right after its softmax (walks with masked tiles; tiles too wide to pipeline)."""
                 pl.when(wg == 1)(sched_sync)
 
@@ -192,11 +194,11 @@ def forward_kernel_call(
                     return acc, m_new, l_i
 
                 acc = low.cast(jnp.zeros((bq, Dv), jnp.float32), WGMMA)
-                t, (acc, m_i, l_i) = tile_walk(qi).consume(step_body, (acc, m_i, l_i), t0=t)
+                t, (acc, m_i, l_i) = walk.consume(step_body, (acc, m_i, l_i), t0=t)
                 pl.when(wg == 0)(sched_sync)
                 return t, acc, m_i, l_i
 
-            def pipelined_walk(qi, t0, scores, probs, m0, l0):
+            def pipelined_walk(walk, t0, scores, probs, m0, l0):
                 """Tile ``j``'s ``Q K^T`` and tile ``j-1``'s ``P V`` go out together; the
                 softmax of tile ``j`` runs while ``P V`` computes (FlashAttention-3's
                 intra-warpgroup overlap). The two warpgroups take turns issuing.
@@ -271,7 +273,7 @@ def forward_kernel_call(
                         l0,
                         low.cast(jnp.ones((bq,), jnp.float32), WGMMA_ROW),
                     )
-                    t, carry, visited = tile_walk(qi).consume_full_first(
+                    t, carry, visited = walk.consume_full_first(
                         first, step, carry, t0, full_positions=bool(st.has_transform or st.dropout)
                     )
                     values, p16, m_i, l_i, alpha = carry
@@ -293,7 +295,11 @@ def forward_kernel_call(
                 return low.accumulators(with_o, (bq, Dv))
 
             def item(i, t):
-                qi = item_qi(i)
+                b, h, qi = work.item(i)
+                b_mod = mod_batch_index(b, B, st.mod_batch or B)  # the batch row the mods see
+                kv_off = qoff_ref[B + b]
+                ctx_box = [None]
+                transform, mask_fn, keep_fn = build_mods(op_refs, lambda: ctx_box[0], b)
                 q_row0 = qi * (2 * bq) + wg * bq
                 q_start = qoff_ref[b] + q_row0
                 plgpu.barrier_wait(q_bar.at[wg])
@@ -342,12 +348,10 @@ def forward_kernel_call(
                         p = jnp.where(tile_keep(keep_fn, b_mod, h, ctx), p, 0.0)
                     return p.astype(dtype), m_new, l_new, alpha
 
-                if pipelined:
-                    t, acc, m_i, l_i = pipelined_walk(qi, t, scores, probs, m_i, l_i)
-                else:
-                    t, acc, m_i, l_i = serial_walk(qi, t, scores, probs, m_i, l_i)
+                walk_fn = pipelined_walk if pipelined else serial_walk
+                t, acc, m_i, l_i = walk_fn(tile_walk(b, h, qi), t, scores, probs, m_i, l_i)
                 if paired:  # Q is free: the next tile's loads during this epilogue
-                    pl.when(i + 1 < n_items)(lambda: load_q(item_qi(i + 1)))
+                    pl.when(i + 1 < n_items)(lambda: load_q(i + 1))
 
                 safe_l = jnp.where(l_i == 0.0, 1.0, l_i)
                 inv_l = 1.0 / (safe_l * (1.0 - st.dropout)) if st.dropout else 1.0 / safe_l
@@ -376,17 +380,20 @@ def forward_kernel_call(
         def _memory():
             plgpu.set_max_registers(_REGISTERS[1], action="decrease")
 
-            def fetch(j, t):
-                rows = pl.ds(j * bkv, bkv)
-                slot = lax.rem(t, jnp.int32(stages))
-                # K and V slots free separately: the pipelined walk holds V a tile longer.
-                wait_slot_free((k_free,), t, stages)
-                plgpu.copy_gmem_to_smem(slab(k_ref, b, hk, rows, st.bshd), k_smem.at[slot], k_bar.at[slot])
-                wait_slot_free((v_free,), t, stages)
-                plgpu.copy_gmem_to_smem(slab(v_ref, b, hk, rows, st.bshd), v_smem.at[slot], v_bar.at[slot])
-
             def produce(i, t):
-                walk = tile_walk(item_qi(i))
+                b, h, qi = work.item(i)
+                hk = lax.div(h, jnp.array(st.group, h.dtype))
+
+                def fetch(j, t):
+                    rows = pl.ds(j * bkv, bkv)
+                    slot = lax.rem(t, jnp.int32(stages))
+                    # K and V slots free separately: the pipelined walk holds V a tile longer.
+                    wait_slot_free((k_free,), t, stages)
+                    plgpu.copy_gmem_to_smem(slab(k_ref, b, hk, rows, st.bshd), k_smem.at[slot], k_bar.at[slot])
+                    wait_slot_free((v_free,), t, stages)
+                    plgpu.copy_gmem_to_smem(slab(v_ref, b, hk, rows, st.bshd), v_smem.at[slot], v_bar.at[slot])
+
+                walk = tile_walk(b, h, qi)
                 return walk.produce_full_first(fetch, t0=t) if pipelined else walk.produce(fetch, t0=t)
 
             t_end = lax.fori_loop(0, n_items, produce, jnp.int32(0))
@@ -427,8 +434,8 @@ def forward_kernel_call(
     return plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(H, tiles.n_ctas, B),
-        grid_names=("heads", "q_seq", "batch"),
+        grid=work.grid,
+        grid_names=work.grid_names,
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
