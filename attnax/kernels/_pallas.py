@@ -355,7 +355,7 @@ def _forward(q, k, v, q_offset, kv_offset, score_mod, mask_mod, block_mask, seed
         group=d.group, has_transform=pr.has_transform, has_mask=pr.mask_fn is not None, sparse=pr.sparse,
         mask_tail=d.S % cfg.block_kv != 0, dropout=st.dropout_rate, interpret=st.interpret, bshd=st.bshd,
         mod_batch=d.B, workers=common.persistent_workers(st.interpret),
-        persistent=_forward_walk_bound(pr.parts, d, cfg) <= _PERSISTENT_MAX_WALK,
+        short_walks=_forward_walk_bound(pr.parts, d, cfg) <= _PERSISTENT_MAX_WALK,
     )  # fmt: skip
     interpret = common.interpret_params() if st.interpret else None
     out, lse = common.vmappable_call(

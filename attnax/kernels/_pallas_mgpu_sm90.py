@@ -72,7 +72,7 @@ class FwdStatic:
     dropout: float = 0.0  # the dropout rate (0: off)
     bshd: bool = False  # q, k, v and out are [B, S, H, D] (else [B, H, S, D])
     mod_batch: int | None = None  # the user's batch size (vmap folds its axes into the batch); None: B
-    persistent: bool = False  # paired query tiles on a persistent grid (for short walks)
+    short_walks: bool = False  # a CTA visits few key tiles (the persistent grid may pay off)
     workers: int = 132  # CTAs of a persistent launch (the GPU's SM count)
 
 
@@ -128,17 +128,18 @@ def forward_kernel_call(
     # keep the serial walk.
     need_mask = st.has_mask or st.mask_tail
     pipelined = bkv <= 128 and Dv <= 128 and (Dv > 64 or not need_mask)
-    # Short walks run on a persistent grid (``st.persistent``: one CTA per SM,
-    # each taking pairs of query tiles in turn): a CTA's launch and first
-    # loads are then paid once per SM instead of once per pair. Measured on
-    # H100 (benchmarks/gpu_persist_diag.py, D=128, five interleaved rounds):
-    # 1024-key window at 16k 5.5%, causal 2k B=8 5.0%, 1024 keys past 16k
-    # queries 6.7%, unmasked 2k B=8 0.9% faster; long walks gain nothing
-    # (causal 4k 0.5%, causal 16k none, unmasked 16k 2-6% slower in three runs).
+    # Short walks (``st.short_walks``) run on a persistent grid: one CTA per SM,
+    # each taking pairs of query tiles in turn, so a CTA's launch and first
+    # loads are paid once per SM instead of once per pair. Measured on H100
+    # (benchmarks/gpu_persist_diag.py, D=128, two runs of five interleaved
+    # rounds): 1024-key window at 16k 5.5-7.4%, causal 2k B=8 2.2-5.0%, 1024
+    # keys past 16k queries 2.3-6.7%, unmasked 2k B=8 0.1-0.9% faster; long
+    # walks gain nothing (causal 4k -0.1 to 0.5%, causal 16k 0.5%, unmasked 16k
+    # 0.2% in that run, 6% slower in an earlier one).
     # Only the pipelined walk (the one measured) runs there: two full runs of the
     # gpu tests stalled in a serial-walk test on this grid (D=64, BSHD; it
     # passed when run alone and in a third full run; not explained).
-    persistent = paired and pipelined and st.persistent
+    persistent = paired and pipelined and st.short_walks
     work = PersistentTiles(B, H, nq, st.workers) if persistent else GridTiles(tiles, B, H)
 
     def kernel(*refs):
